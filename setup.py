@@ -1,0 +1,41 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="dalle2-jax",
+    version="0.1.0",
+    description="DALL-E 2 (unCLIP) in JAX/Flax: CLIP, diffusion prior, cascaded diffusion decoders.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["dalle2_jax", "dalle2_jax.*"]),
+    install_requires=[
+        "jax>=0.10,<0.11",
+        "jaxlib>=0.10,<0.11",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12,<0.13",
+        "chex>=0.1.90",
+        "tensorflow-datasets>=4.9.10,<5",
+        "array-record>=0.8,<0.9",
+        "grain>=0.2.18,<0.3",
+        "ml-collections>=1.1,<2",
+        "tensorboardX>=2.6",
+        "transformers>=5",
+        "tokenizers>=0.22",
+        "safetensors>=0.4",
+        "numpy>=2",
+        "pillow>=10",
+        "pyarrow>=14",
+        "rich>=13",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "hypothesis>=6.100",
+            "torch>=2.4",  # CPU build; reference for parity tests only
+        ],
+    },
+    entry_points={"console_scripts": ["dalle2-jax=dalle2_jax.cli:main"]},
+)
