@@ -24,7 +24,7 @@ demo-quick: $(STAMP)
 	$(BIN)/dalle2-jax demo --quick --workdir $(WORKDIR)-quick
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS) tests
+	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS) tests
 
 bench: $(STAMP)
 	$(BIN)/python -m dalle2_jax.bench unet-train --config configs/unet.py:bench --batch 8
