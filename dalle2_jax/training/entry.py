@@ -1,0 +1,56 @@
+"""`run_train(stage, config_spec, workdir, overrides)`: what `dalle2-jax train` and train/train.py call."""
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+from typing import Sequence
+
+from dalle2_jax import config_util, sharding
+from dalle2_jax.training import loop
+from dalle2_jax.training.state import TrainState
+
+STAGES = ("clip", "prior", "decoder", "upsampler")
+
+
+def known_stages() -> list[str]:
+    """The stages of the design plus any task module present in dalle2_jax.tasks."""
+    found = set(STAGES)
+    try:
+        import dalle2_jax.tasks as tasks_package
+
+        found.update(m.name for m in pkgutil.iter_modules(tasks_package.__path__) if not m.name.startswith("_"))
+    except ImportError:
+        pass
+    return sorted(found)
+
+
+def make_task(stage: str, config, workdir: str | None = None):
+    """`dalle2_jax.tasks.<stage>.make_task(config[, workdir=workdir])`: `workdir` goes to
+    tasks whose make_task takes it (to keep files such as a trained tokenizer there)."""
+    stages = known_stages()
+    if not isinstance(stage, str) or not stage.isidentifier() or stage not in stages:
+        raise ValueError(f"stage: expected one of {stages}, got {stage!r}")
+    module_name = f"dalle2_jax.tasks.{stage}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name not in (module_name, "dalle2_jax.tasks"):
+            raise
+        raise ValueError(f"stage: {stage!r} has no task module {module_name} (known stages: {stages})") from None
+    if not hasattr(module, "make_task"):
+        raise ValueError(f"stage: {module_name} defines no make_task(config)")
+    if workdir is not None and "workdir" in inspect.signature(module.make_task).parameters:
+        return module.make_task(config, workdir=workdir)
+    return module.make_task(config)
+
+
+def run_train(stage: str, config_spec: str, workdir: str, overrides: Sequence[str] = ()) -> TrainState:
+    """Load `config_spec` ("configs/FILE.py[:variant]") with `overrides`, build the
+    stage's task and train it in `workdir` (resuming if it holds checkpoints)."""
+    if not workdir:
+        raise ValueError(f"workdir: expected a directory path, got {workdir!r}")
+    sharding.maybe_initialize_distributed()
+    config = config_util.load_config(config_spec, overrides)
+    task = make_task(stage, config, workdir)
+    return loop.train(task, config, workdir)
