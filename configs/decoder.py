@@ -1,0 +1,152 @@
+"""64px decoder configs: `get_config("tiny" | "base" | "paper")`.
+
+`config.model` fills `dalle2_jax.models.unet.UNet` by keyword. `config.conditioning`
+gives the CLIP shapes the decoder is built for (image embedding width, text
+length and width); `dalle2_jax.tasks.decoder` overwrites them with those of the
+frozen CLIP at `config.clip_dir` ("" = <workdir>/../clip), which encodes the
+training images and captions on the fly. `config.data` is the image-caption
+set (as in configs/clip.py; `image_size` 0 = the CLIP run's load size) and
+`config.eval` the periodic sample grid of the 18 "a {colour} {shape}" test
+images' embeddings, judged by `dalle2_jax.data.shapes.classify_shape_image`.
+The `paper` variant follows Ramesh et al. 2022, Appendix C, Table 3: 3.5B
+parameters, 512 channels, attention at 32, 16 and 8, 2048 x 800K, 250 sampling
+steps with the learned variance. GLIDE's 3.5B included its 1.2B text
+transformer; here the text comes from CLIP, so the UNet itself is made deeper
+(3, 4, 5, 6 residual blocks from 64px down to 8px instead of 3 everywhere:
+3.43B parameters, `jax.eval_shape` count) to land on the paper's size.
+"""
+import ml_collections
+
+VARIANTS = ("tiny", "base", "paper")
+
+
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+    config = ml_collections.ConfigDict()
+    config.variant = variant
+    config.seed = 0
+    config.compute_dtype = "float32"
+
+    # CPU demo: 32px, 4.8M parameters.
+    model = dict(
+        image_size=32,
+        out_channels=3,
+        learned_variance=False,
+        channels=(),  # empty: model_channels * channel_mult
+        model_channels=32,
+        channel_mult=(1, 2, 4),
+        num_res_blocks=2,
+        attention_resolutions=(16, 8),
+        mid_attention=True,
+        head_dim=32,
+        num_heads=0,
+        num_groups=8,
+        norm_eps=1e-5,
+        scale_shift_norm=True,
+        resblock_updown=True,
+        dropout=0.0,
+        time_embed_dim=0,
+        use_image_embed=True,
+        num_context_tokens=4,
+        use_text_encodings=True,
+        use_text_embed=False,
+        context_dim=128,
+        use_low_res=False,
+        low_res_resize="bicubic",
+        use_noise_level=False,
+        remat="none",
+    )
+    conditioning = dict(image_embed_dim=64, text_len=32, text_width=128)
+    config.clip_dir = ""  # CLIP training workdir or transformers CLIP directory; "" = <workdir>/../clip
+
+    data = dict(
+        name="shapes",  # or "folder" / "webdataset" at `source`
+        source="",
+        data_dir="",  # tfds builds; "" = <workdir>/../data, shared with the other stages
+        image_size=0,  # load size; 0 = the CLIP run's (the decoder's size is model.image_size)
+        seed=0,  # of the shapes build, not of training
+        num_train=20_000,
+        num_test=1_000,
+        num_test_unseen=500,
+        augment="center_crop",
+        random_flip=False,  # shapes captions say "left"/"right"
+        worker_count=0,
+    )
+    eval_config = dict(
+        samples_per_condition=2,  # per "a {colour} {shape}" test image (shapes data)
+        num_conditions=8,  # first training examples used as conditions for other data
+        sampling_steps=25,  # guidance scale, sampler and eta as in config.diffusion
+        seed=0,
+    )
+
+    diffusion = dict(
+        schedule="cosine",
+        num_timesteps=1000,
+        objective="eps",
+        vlb_weight=1e-3,  # hybrid loss weight when learned_variance
+        sampler="ddim",
+        sampling_steps=50,
+        eta=0.0,
+        clip_denoised=True,
+        guidance_scale=3.0,
+        drop_image_prob=0.1,  # paper: the CLIP image embedding is dropped 10% of the time
+        drop_text_prob=0.5,  # and the caption 50%
+    )
+
+    config.total_steps = 20_000
+    config.batch_size = 64
+    config.log_every = 100
+    config.eval_every = 2_000
+    config.checkpoint_every = 2_000
+    config.keep_checkpoints = 3
+    config.progress_bar = True
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    config.optimizer = ml_collections.ConfigDict(dict(
+        learning_rate=3e-4,
+        warmup_steps=500,
+        schedule="cosine",
+        weight_decay=0.0,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        grad_clip_norm=1.0,
+        grad_accum_steps=1,
+    ))
+    config.ema = ml_collections.ConfigDict(dict(decay=0.999, warmup=True))
+
+    if variant == "base":
+        # ADM ImageNet-64 width with CLIP ViT-L/14 conditioning: 318M parameters.
+        model.update(image_size=64, learned_variance=True, model_channels=192,
+                            channel_mult=(1, 2, 3, 4), num_res_blocks=3, attention_resolutions=(32, 16, 8),
+                            head_dim=64, num_groups=32, dropout=0.1, context_dim=768)
+        conditioning.update(image_embed_dim=768, text_len=77, text_width=768)
+        diffusion.update(sampler="ddpm", sampling_steps=100)
+        config.total_steps = 400_000
+        config.batch_size = 256
+        config.optimizer.update(learning_rate=1.2e-4, warmup_steps=5_000)
+        config.ema.decay = 0.9999
+    elif variant == "paper":
+        # CLIP ViT-H/16: 1024-d embeddings and text encodings; GLIDE's 2048-wide context.
+        model.update(image_size=64, learned_variance=True, model_channels=512,
+                            channel_mult=(1, 2, 3, 4), num_res_blocks=(3, 4, 5, 6),
+                            attention_resolutions=(32, 16, 8), head_dim=64, num_groups=32, dropout=0.1,
+                            context_dim=2048, remat="block")
+        conditioning.update(image_embed_dim=1024, text_len=77, text_width=1024)
+        diffusion.update(sampler="ddpm", sampling_steps=250)
+        config.compute_dtype = "bfloat16"
+        config.total_steps = 800_000
+        config.batch_size = 2048
+        config.optimizer.update(learning_rate=1.2e-4, warmup_steps=10_000)
+        config.ema.decay = 0.9999
+        config.mesh.fsdp = 8
+
+    config.model = ml_collections.ConfigDict(model)
+    config.model.dtype = config.get_ref("compute_dtype")
+    config.image_size = config.model.get_ref("image_size")
+    config.conditioning = ml_collections.ConfigDict(conditioning)
+    config.data = ml_collections.ConfigDict(data)
+    config.eval = ml_collections.ConfigDict(eval_config)
+    config.diffusion = ml_collections.ConfigDict(diffusion)
+    config.diffusion.learned_variance = config.model.get_ref("learned_variance")
+    return config

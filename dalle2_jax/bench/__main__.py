@@ -1,0 +1,4 @@
+from dalle2_jax.bench import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""`dalle2-jax demo`: the whole of unCLIP, offline, on the synthetic shapes set.
+
+  run_demo(workdir="runs/demo")              # about 20 minutes on 2 CPU cores
+  run_demo(workdir="runs/demo", quick=True)  # a few minutes: every step runs, nothing is learned
+
+Builds the shapes data, trains CLIP, writes its embedding datasets, trains the prior, the
+decoder and the upsampler (the `tiny` configs through `training.entry.run_train`, with the
+overrides below), exports the pipeline to <workdir>/pipeline and writes into
+<workdir>/samples: a grid for every "a {colour} {shape}" caption (one row per caption),
+variations of a test image (fresh noise, then from its inverted x_T), an interpolation strip,
+a text-diff strip ("a red circle" -> "a blue circle" on a red circle) and an inpainting
+example. <workdir>/report.json and report.md hold what was measured: CLIP's zero-shot accuracy
+and the prior's cosine similarity against the text-embedding baseline (the stages' last eval
+records in metrics.jsonl), the generated images' colour and shape accuracy judged by
+`data.shapes.classify_shape_image` (overall and on the unseen pairs purple triangle and orange
+circle), the inversion round trip's error, and the time of every stage. A stage whose workdir
+already holds its final checkpoint is not trained again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+STAGES = ("data", "clip", "embed", "prior", "decoder", "upsampler", "export", "samples")
+CAPTION = "a {colour} {shape}"
+DATA_SIZES = {"full": dict(num_train=20_000, num_test=1_000, num_test_unseen=500),
+              "quick": dict(num_train=512, num_test=160, num_test_unseen=40)}
+IMAGE_SIZE = 64  # of the shapes images; CLIP and the upsampler see 64px, the decoder 32px
+ROWS = 6  # images per sampling call (frames, variations, inpaintings; captions per generate call)
+
+# Per stage: (steps, batch size) of the full and the quick run; the rest is the tiny config's.
+TRAINING = {
+    "full": {"clip": (600, 64), "prior": (1500, 64), "decoder": (900, 32), "upsampler": (400, 16)},
+    "quick": {"clip": (6, 16), "prior": (6, 16), "decoder": (4, 8), "upsampler": (4, 8)},
+}
+# Sampling steps of the samples: the configs' own (64 / 50 / 27) in the full run.
+QUICK_SAMPLING = dict(prior_steps=4, decoder_steps=4, upsampler_steps=3)
+QUICK_MODELS = {  # smaller networks in the quick run: less to compile
+    "clip": dict(text_depth=1, vision_depth=1),
+    "prior": dict(depth=1, width=64),
+    "decoder": dict(model_channels=16, channel_mult=(1,), attention_resolutions=(), num_res_blocks=1),
+    "upsampler": dict(model_channels=16, channel_mult=(1,)),
+}
+
+
+def _overrides(values: dict[str, Any]) -> list[str]:
+    def text(value):
+        return "(" + ",".join(str(v) for v in value) + ("," if len(value) == 1 else "") + ")" \
+            if isinstance(value, tuple) else str(value)
+
+    return [f"--config.{key}={text(value)}" for key, value in values.items()]
+
+
+def stage_overrides(stage: str, mode: str, seed: int, extra: dict[str, Any] | None = None) -> list[str]:
+    """The `--config.KEY=VALUE` overrides of a stage's tiny config in the demo (then `extra`)."""
+    steps, batch = TRAINING[mode][stage]
+    values: dict[str, Any] = {"seed": seed, "total_steps": steps, "batch_size": batch,
+                              "log_every": max(1, min(50, steps)), "eval_every": steps, "checkpoint_every": 0,
+                              "keep_checkpoints": 1, "optimizer.warmup_steps": min(100, max(1, steps // 10))}
+    if stage != "prior":
+        values.update({f"data.{key}": value for key, value in DATA_SIZES[mode].items()})
+    if mode == "quick":
+        values.update({f"model.{key}": value for key, value in QUICK_MODELS[stage].items()})
+        # The report needs CLIP's and the prior's evaluations; the decoder's and upsampler's
+        # sample grids would only add compilations.
+        values.update({"clip": {"eval.num_examples": 40, "eval.batch_size": 40},
+                       "prior": {"eval.num_examples": 16, "eval.batch_size": 16, "diffusion.sampling_steps": 4},
+                       "decoder": {"eval_every": 0},
+                       "upsampler": {"eval_every": 0}}[stage])
+    values.update(extra or {})
+    return _overrides(values)
+
+
+def _prior_sizes(clip_workdir: Path) -> dict[str, int]:
+    """The prior's input sizes from the trained CLIP's config.json (its embeddings are the prior's data)."""
+    model = json.loads((clip_workdir / "config.json").read_text())["model"]
+    return {"model.embed_dim": int(model["embed_dim"]), "model.text_encoding_dim": int(model["text_width"]),
+            "model.max_text_len": int(model["context_length"])}
+
+
+def _last_eval(workdir: Path) -> dict[str, float]:
+    """The last record of workdir/metrics.jsonl with eval/ entries, without the prefix."""
+    from dalle2_jax.training.metrics import read_metrics
+
+    for record in reversed(read_metrics(workdir)):
+        found = {key[len("eval/"):]: value for key, value in record.items() if key.startswith("eval/")}
+        if found:
+            return found
+    return {}
+
+
+def _finished(workdir: Path, steps: int) -> bool:
+    from dalle2_jax import checkpoint
+
+    directory = checkpoint.checkpoint_dir(workdir)
+    return directory.is_dir() and any(p.name == str(steps) for p in directory.iterdir())
+
+
+def judge(images: np.ndarray, colours: list[str], shape_names: list[str]) -> dict[str, float]:
+    """The pixel judge's colour / shape / both accuracies, overall and on the unseen pairs."""
+    from dalle2_jax.data import shapes
+
+    seen = [shapes.classify_shape_image(image) for image in images]
+    colour_hit = np.array([s[0] == c for s, c in zip(seen, colours)])
+    shape_hit = np.array([s[1] == k for s, k in zip(seen, shape_names)])
+    unseen = np.array([(c, k) in shapes.HELD_OUT_PAIRS for c, k in zip(colours, shape_names)])
+    result = {"num_images": int(len(images)), "num_unseen_images": int(unseen.sum())}
+    for prefix, rows in (("", np.ones_like(unseen)), ("unseen_", unseen)):
+        result.update({f"{prefix}colour_acc": float(colour_hit[rows].mean()),
+                       f"{prefix}shape_acc": float(shape_hit[rows].mean()),
+                       f"{prefix}acc": float((colour_hit & shape_hit)[rows].mean())})
+    return result
+
+
+def _test_image(colour: str, shape: str, center=(32.0, 32.0), background: str = "white") -> np.ndarray:
+    from dalle2_jax.data import shapes
+
+    return shapes.render_shape(colour, shape, diameter=28.0, center=center, background=background,
+                               image_size=IMAGE_SIZE)
+
+
+def _samples(pipe, out: Path, seed: int, quick: bool) -> dict[str, Any]:
+    """Every sample grid; returns the generation and inversion measurements.
+
+    Every call decodes ROWS images (captions go in chunks of ROWS), so that the stages'
+    compiled programs are shared between the calls.
+    """
+    from dalle2_jax.data import shapes
+    from dalle2_jax.pipeline import to_float
+    from dalle2_jax.training.metrics import write_image_grid
+
+    sampling = QUICK_SAMPLING if quick else {}
+    frame_options = {k: v for k, v in sampling.items() if k != "prior_steps"}
+    per_caption = 1 if quick else 4
+    pairs = [(colour, shape) for colour in shapes.COLOUR_NAMES for shape in shapes.SHAPES]
+    captions = [CAPTION.format(colour=c, shape=s) for c, s in pairs]
+    images = np.concatenate([
+        pipe.generate(captions[start:start + ROWS], seed=seed + start, num_images_per_prompt=per_caption,
+                      **sampling)
+        for start in range(0, len(captions), ROWS)])
+    write_image_grid(out / "captions.png", images, ncols=per_caption)
+    measured = {"generation": judge(images, [c for c, _ in pairs for _ in range(per_caption)],
+                                    [s for _, s in pairs for _ in range(per_caption)])}
+
+    red_circle = _test_image("red", "circle")
+    fresh = pipe.variations(red_circle, num_images=ROWS, seed=seed, **frame_options)
+    inverted = pipe.variations(red_circle, num_images=ROWS, seed=seed, invert=True, **frame_options)
+    write_image_grid(out / "variations.png", np.concatenate([fresh, inverted]), ncols=ROWS)
+    blue_square = _test_image("blue", "square")
+    strip = pipe.interpolate(red_circle, blue_square, num_frames=ROWS, seed=seed, **frame_options)
+    write_image_grid(out / "interpolation.png", strip, ncols=ROWS)
+    diff = pipe.text_diff(red_circle, "a red circle", "a blue circle", num_frames=ROWS, seed=seed, **frame_options)
+    write_image_grid(out / "text_diff.png", diff, ncols=ROWS)
+    measured["text_diff_last_frame"] = dict(zip(("colour", "shape"), shapes.classify_shape_image(diff[-1])))
+    if pipe.image_size == IMAGE_SIZE:
+        # Frame 0 decodes the image's own embedding from its inverted x_T with DDIM eta 0: the round trip.
+        measured["inversion_mean_abs_error"] = float(np.mean(np.abs(to_float(diff[0]) - to_float(red_circle))))
+
+    left_circle = _test_image("red", "circle", center=(18.0, 32.0))
+    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
+    mask[:, IMAGE_SIZE // 2:] = True
+    inpainted = pipe.inpaint(left_circle, mask, "a blue square", seed=seed, num_images=ROWS, **sampling)
+    mask_image = np.repeat((mask * 255).astype(np.uint8)[..., None], 3, axis=-1)
+    write_image_grid(out / "inpainting.png", np.concatenate([left_circle[None], mask_image[None], inpainted]),
+                     ncols=ROWS + 2)
+    return measured
+
+
+def _write_report(workdir: Path, report: dict[str, Any]) -> None:
+    from dalle2_jax.training.metrics import atomic_write
+
+    text = json.dumps(report, indent=2, sort_keys=True) + "\n"
+    atomic_write(workdir / "report.json", lambda f: f.write(text.encode()))
+    lines = [f"# dalle2-jax demo ({report['mode']}, seed {report['seed']})", ""]
+    for section in ("clip", "prior", "decoder", "upsampler", "generation"):
+        values = report.get(section) or {}
+        if values:
+            lines += [f"## {section}", "", "| metric | value |", "|---|---|"]
+            lines += [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
+                      for key, value in sorted(values.items())]
+            lines.append("")
+    if "inversion_mean_abs_error" in report:
+        lines += [f"Inversion round trip (DDIM eta 0), mean abs error in [-1, 1] units: "
+                  f"{report['inversion_mean_abs_error']:.4f}", ""]
+    if "text_diff_last_frame" in report:
+        frame = report["text_diff_last_frame"]
+        lines += [f"Text diff, last frame judged as: {frame.get('colour')} {frame.get('shape')}", ""]
+    lines += ["## time per stage", "", "| stage | seconds | CPU seconds |", "|---|---|---|"]
+    lines += [f"| {stage} | {seconds:.1f} | {report['cpu_seconds'][stage]:.1f} |"
+              for stage, seconds in report["seconds"].items()]
+    lines += ["", "Samples: " + ", ".join(sorted(report["samples"])), ""]
+    atomic_write(workdir / "report.md", lambda f: f.write("\n".join(lines).encode()))
+
+
+def run_demo(workdir: str | os.PathLike = "runs/demo", quick: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Run the demo in `workdir` (see the module docstring); returns the report."""
+    if not isinstance(workdir, (str, os.PathLike)) or not os.fspath(workdir):
+        raise ValueError(f"workdir: expected a directory path, got {workdir!r}")
+    if not isinstance(quick, bool):
+        raise ValueError(f"quick: expected a bool, got {quick!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
+    from dalle2_jax.data import shapes
+    from dalle2_jax.pipeline import UnCLIPPipeline, export_pipeline
+    from dalle2_jax.tasks.clip import run_embed
+    from dalle2_jax.training.entry import run_train
+
+    mode = "quick" if quick else "full"
+    root = Path(workdir).absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    console = Console(stderr=True)
+    seconds: dict[str, float] = {}
+    cpu_seconds: dict[str, float] = {}
+    report: dict[str, Any] = {"mode": mode, "seed": int(seed), "workdir": str(root), "seconds": seconds,
+                              "cpu_seconds": cpu_seconds}
+
+    def stage(name: str, work: Callable[[], Any]) -> Any:
+        console.rule(f"[bold]{STAGES.index(name) + 1}/{len(STAGES)} {name}")
+        started, cpu_started = time.perf_counter(), time.process_time()
+        result = work()
+        seconds[name] = round(time.perf_counter() - started, 2)
+        cpu_seconds[name] = round(time.process_time() - cpu_started, 2)
+        console.log(f"{name} done in {seconds[name]:.1f}s ({cpu_seconds[name]:.1f} CPU seconds)")
+        return result
+
+    def train(name: str) -> None:
+        steps = TRAINING[mode][name][0]
+        if _finished(root / name, steps):
+            console.log(f"{root / name} already holds step {steps}: not training again")
+            return
+        extra = _prior_sizes(root / "clip") if name == "prior" else None
+        run_train(name, f"configs/{name}.py:tiny", str(root / name), stage_overrides(name, mode, int(seed), extra))
+
+    stage("data", lambda: shapes.build_shapes(str(root / "data"), image_size=IMAGE_SIZE, seed=0,
+                                              **DATA_SIZES[mode]))
+    stage("clip", lambda: train("clip"))
+    stage("embed", lambda: [run_embed(clip_dir=str(root / "clip"), data="shapes", data_dir=str(root / "data"),
+                                      out_dir=str(root / "embeddings" / split), split=split, overwrite=True)
+                            for split in shapes.SPLITS])
+    for name in ("prior", "decoder", "upsampler"):
+        stage(name, lambda name=name: train(name))
+    stage("export", lambda: export_pipeline(root, root / "pipeline"))
+    pipe = UnCLIPPipeline.from_pretrained(root / "pipeline")
+    samples_dir = root / "samples"
+    report.update(stage("samples", lambda: _samples(pipe, samples_dir, int(seed), quick)))
+    report["samples"] = sorted(str(p.relative_to(root)) for p in samples_dir.glob("*.png"))
+    for name in ("clip", "prior", "decoder", "upsampler"):
+        report[name] = _last_eval(root / name)
+    _write_report(root, report)
+    _print_summary(console, report)
+    return report
+
+
+def _print_summary(console: Console, report: dict[str, Any]) -> None:
+    table = Table(title=f"dalle2-jax demo ({report['mode']})")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    picks = [("CLIP zero-shot acc (test)", report["clip"].get("test/acc")),
+             ("CLIP zero-shot acc (unseen pairs)", report["clip"].get("test_unseen/acc")),
+             ("prior cosine (test)", report["prior"].get("test/prior_cos")),
+             ("text-embedding baseline cosine (test)", report["prior"].get("test/baseline_cos")),
+             ("generated: colour acc", report["generation"]["colour_acc"]),
+             ("generated: shape acc", report["generation"]["shape_acc"]),
+             ("generated, unseen pairs: acc", report["generation"]["unseen_acc"])]
+    for name, value in picks:
+        table.add_row(name, "-" if value is None else f"{value:.3f}")
+    table.add_row("total time (s)", f"{sum(report['seconds'].values()):.0f}")
+    console.print(table)
+    console.log(f"report: {report['workdir']}/report.md")

@@ -1,0 +1,1002 @@
+"""UnCLIP inference: generate, variations, interpolate, text_diff and inpaint over the trained stages.
+
+  pipe = UnCLIPPipeline.from_pretrained("runs/demo/pipeline")
+  images = pipe.generate(["a red circle"], seed=0, num_images_per_prompt=2)   # uint8 (2, H, W, 3)
+
+A pipeline directory holds `pipeline.json` (format, version, the stages in order) and one
+subdirectory per stage: `config.json` (the stage's full training config) and `params/` (its
+EMA parameters, Orbax); the CLIP stage also holds `tokenizer/`. Stages: "clip", "prior",
+"decoder", then zero or more upsamplers ("upsampler", "upsampler_1", ...) in resolution order.
+
+Every stage runs as one jitted program (CLIP text and image towers, the prior with best-of-k
+reranking, the decoder, each upsampler); prompts are batched. Random draws come from the seed
+alone: initial noise from NumPy's PCG64 seeded with (seed, purpose), sampler noise from
+`fold_in(key(seed), stage)`, so the same seed and arguments give the same uint8 images.
+Inputs: uint8 arrays (H, W, 3) / (N, H, W, 3), PIL images or paths; non-square images are
+centre-cropped. Outputs: uint8 (N, H, W, 3) at the last stage's resolution.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from dalle2_jax import diffusion, sampling
+from dalle2_jax.models import prior as prior_lib
+from dalle2_jax.models.clip import CLIP, normalize, preprocess_images
+from dalle2_jax.models.unet import UNet
+from dalle2_jax.tokenizer import Tokenizer
+
+PIPELINE_FILE = "pipeline.json"
+CONFIG_FILE = "config.json"
+PARAMS_SUBDIR = "params"
+TOKENIZER_SUBDIR = "tokenizer"
+FORMAT = "dalle2-jax-unclip"
+VERSION = 1
+REQUIRED_STAGES = ("clip", "prior", "decoder")
+INVERTED_ETA = 0.5  # DDIM eta of variations decoded from the image's own x_T (eta 0 reconstructs it)
+INVERSION_FIXED_POINT_ITERS = 2  # extra model calls per inversion step (diffusion.ddim_invert)
+MAX_TEXT_DIFF_THETA = 0.5  # the paper's text diffs go up to theta in [0.25, 0.5]
+
+_STAGE_NAME = re.compile(r"clip|prior|decoder|upsampler(_[1-9][0-9]*)?")
+_NOISE_STREAMS = {"decoder": 1, "upsampler": 2, "interpolate": 3, "inpaint": 4}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages.
+
+@dataclasses.dataclass
+class Stage:
+    """One stage: its name, full config, Flax module and variables ({"params": ...})."""
+
+    name: str
+    config: ml_collections.ConfigDict
+    module: Any
+    variables: Any
+
+    @property
+    def kind(self) -> str:
+        return "upsampler" if self.name.startswith("upsampler") else self.name
+
+
+def _as_tuples(value):
+    """JSON lists -> tuples, so modules built from a loaded config stay hashable (jit static args)."""
+    if isinstance(value, Mapping):
+        return {key: _as_tuples(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return tuple(_as_tuples(item) for item in value)
+    return value
+
+
+def _model_kwargs(config: ml_collections.ConfigDict, name: str) -> dict:
+    model = config.get("model")
+    if model is None:
+        raise ValueError(f"{name}: its config has no 'model' section")
+    return _as_tuples(model.to_dict() if hasattr(model, "to_dict") else dict(model))
+
+
+def build_module(name: str, config: ml_collections.ConfigDict):
+    """The Flax module of stage `name` from its config."""
+    kind = "upsampler" if name.startswith("upsampler") else name
+    kwargs = _model_kwargs(config, name)
+    try:
+        if kind == "clip":
+            return CLIP(**kwargs)
+        if kind == "prior":
+            return prior_lib.DiffusionPrior(**kwargs)
+        if kind in ("decoder", "upsampler"):
+            return UNet(**kwargs)
+    except TypeError as error:
+        raise ValueError(f"{name}: config.model does not fit the stage's model ({error})") from None
+    raise ValueError(f"name: expected a stage among {REQUIRED_STAGES} or 'upsampler[_N]', got {name!r}")
+
+
+def _config_get(config, path: str, default=None):
+    node = config
+    for key in path.split("."):
+        if node is None or not hasattr(node, "get"):
+            return default
+        node = node.get(key)
+    return default if node is None else node
+
+
+def _prior_uses_text_encodings(config) -> bool:
+    return bool(_config_get(config, "data.use_text_encodings", True))
+
+
+def _example_inputs(stage_name: str, module, config) -> tuple[tuple, dict]:
+    """Abstract (args, kwargs) for `module.init`: what the stage is called with, batch 1."""
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    kind = "upsampler" if stage_name.startswith("upsampler") else stage_name
+    if kind == "clip":
+        return (i32(1, module.context_length), f32(1, module.image_size, module.image_size, 3)), {}
+    if kind == "prior":
+        return (f32(1, module.embed_dim), i32(1)), dict(
+            text_embed=f32(1, module.embed_dim), text_encodings=f32(1, module.max_text_len, module.text_encoding_dim),
+            text_mask=jax.ShapeDtypeStruct((1, module.max_text_len), bool))
+    size = module.image_size
+    args = (f32(1, size, size, module.out_channels), i32(1))
+    if kind == "upsampler":
+        kwargs = {"low_res": f32(1, size, size, 3)}
+        if module.use_noise_level:
+            kwargs["noise_level"] = i32(1)
+        return args, kwargs
+    cond = _config_get(config, "conditioning")
+    if cond is None and (module.use_image_embed or module.use_text_encodings):
+        raise ValueError(f"{stage_name}: its config has no 'conditioning' section (image_embed_dim, text_len, "
+                         "text_width)")
+    kwargs = {}
+    if module.use_image_embed:
+        kwargs["image_embed"] = f32(1, int(cond.image_embed_dim))
+    if module.use_text_encodings:
+        kwargs.update(text_encodings=f32(1, int(cond.text_len), int(cond.text_width)),
+                      text_mask=jax.ShapeDtypeStruct((1, int(cond.text_len)), bool))
+    if module.use_text_embed:
+        kwargs["text_embed"] = f32(1, int(cond.image_embed_dim))
+    return args, kwargs
+
+
+def abstract_variables(stage_name: str, module, config):
+    """ShapeDtypeStructs of the stage's variables, from `jax.eval_shape` (nothing allocated)."""
+    args, kwargs = _example_inputs(stage_name, module, config)
+    return jax.eval_shape(lambda key, args, kwargs: module.init(key, *args, **kwargs), jax.random.key(0), args, kwargs)
+
+
+def random_variables(abstract, seed: int):
+    """Host-drawn variables for `abstract`: zero biases, unit norm scales, every other leaf
+    ~ N(0, 1 / fan_in) (fan_in = the product of all but the last axis).
+
+    Not the models' own initialisers (those compile a random program per parameter shape,
+    tens of CPU seconds for a tiny pipeline) and no ADM zero-init: outputs depend on inputs.
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['bias']"):
+            return np.zeros(leaf.shape, leaf.dtype)
+        if name.endswith("['scale']"):
+            return np.ones(leaf.shape, leaf.dtype)
+        fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 1
+        return (rng.standard_normal(leaf.shape) / math.sqrt(fan_in)).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+def _check_variables(stage: Stage) -> None:
+    expected = abstract_variables(stage.name, stage.module, stage.config)
+    got = {jax.tree_util.keystr(path): tuple(np.shape(leaf))
+           for path, leaf in jax.tree_util.tree_flatten_with_path(stage.variables)[0]}
+    want = {jax.tree_util.keystr(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    missing = sorted(set(want) - set(got))
+    unexpected = sorted(set(got) - set(want))
+    wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+    if missing or unexpected or wrong:
+        details = []
+        if missing:
+            details.append(f"missing {missing[:3]}")
+        if unexpected:
+            details.append(f"unexpected {unexpected[:3]}")
+        if wrong:
+            details.append("wrong shapes " + ", ".join(f"{k}: {got[k]} (expected {want[k]})" for k in wrong[:3]))
+        raise ValueError(f"{stage.name}: parameters do not fit the stage's config.model ({'; '.join(details)})")
+
+
+def _schedule(stage: Stage) -> diffusion.DiffusionSchedule:
+    return diffusion.make_schedule(_config_get(stage.config, "diffusion.schedule", "cosine"),
+                                   int(_config_get(stage.config, "diffusion.num_timesteps", 1000)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Jitted stage programs (CLIP; the prior, decoder and upsamplers jit in their own modules).
+
+@functools.partial(jax.jit, static_argnames="model")
+def _encode_text_program(model: CLIP, variables, input_ids, attention_mask):
+    text = model.apply(variables, input_ids, attention_mask, method=CLIP.encode_text)
+    return normalize(text.embeds), text.encodings.astype(jnp.float32), text.mask.astype(bool)
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _encode_image_program(model: CLIP, variables, images_uint8):
+    pixels = preprocess_images(images_uint8, model.image_size, model.image_mean, model.image_std)
+    return normalize(model.apply(variables, pixels, method=CLIP.encode_image).embeds)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs.
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
+    return int(seed)
+
+
+def _check_count(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_scale(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def check_prompts(prompts, name: str = "prompts") -> list[str]:
+    """A caption or a non-empty list of non-empty captions -> list[str]."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, Sequence) or isinstance(prompts, (bytes, bytearray)):
+        raise ValueError(f"{name}: expected a caption or a list of captions, got {type(prompts).__name__}")
+    if not prompts:
+        raise ValueError(f"{name}: expected at least one caption, got an empty list")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise ValueError(f"{name}[{i}]: expected a string, got {type(prompt).__name__}")
+        if not prompt.strip():
+            raise ValueError(f"{name}[{i}]: expected a non-empty caption, got {prompt!r}")
+    return list(prompts)
+
+
+def _check_caption(caption, name: str) -> str:
+    if not isinstance(caption, str) or not caption.strip():
+        raise ValueError(f"{name}: expected a non-empty caption string, got {caption!r}")
+    return caption
+
+
+def _open_image(path, name: str, mode: str) -> np.ndarray:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{name}: no image file {os.fspath(path)!r}")
+    try:
+        with Image.open(path) as image:
+            if mode == "RGB" and image.mode in ("RGBA", "LA", "P"):
+                background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+                image = Image.alpha_composite(background, image.convert("RGBA"))
+            return np.asarray(image.convert(mode))
+    except OSError as error:
+        raise ValueError(f"{name}: {os.fspath(path)!r} is not a readable image ({error})") from None
+
+
+def load_images(images, name: str = "images") -> list[np.ndarray]:
+    """uint8 (H, W, 3) arrays from an array (H, W, 3) / (N, H, W, 3), a PIL image, a path, or a list of those."""
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ValueError(f"{name}: expected at least one image, got an empty list")
+        return [image for i, item in enumerate(images) for image in load_images(item, f"{name}[{i}]")]
+    if isinstance(images, (str, os.PathLike)):
+        return [_open_image(images, name, "RGB")]
+    if isinstance(images, Image.Image):
+        return [np.asarray(images.convert("RGB"))]
+    if not hasattr(images, "shape") or not hasattr(images, "dtype"):
+        raise ValueError(f"{name}: expected a uint8 array, a PIL image or a path, got {type(images).__name__}")
+    array = np.asarray(images)
+    if array.ndim not in (3, 4):
+        raise ValueError(f"{name}: expected rank 3 (H, W, 3) or 4 (N, H, W, 3), got shape {array.shape}")
+    if array.shape[-1] != 3:
+        raise ValueError(f"{name}: expected 3 (RGB) channels in the last axis, got shape {array.shape}")
+    if 0 in array.shape:
+        raise ValueError(f"{name}: expected non-empty images, got shape {array.shape}")
+    if array.dtype != np.uint8:
+        raise ValueError(f"{name}: expected dtype uint8 in [0, 255], got {array.dtype}")
+    return list(array[None] if array.ndim == 3 else array)
+
+
+def _one_image(image, name: str) -> np.ndarray:
+    images = load_images(image, name)
+    if len(images) != 1:
+        raise ValueError(f"{name}: expected one image, got {len(images)}")
+    return images[0]
+
+
+def load_mask(mask, name: str, image_shape: tuple[int, int]) -> np.ndarray:
+    """bool (H, W), True where the image is replaced: from a bool or uint8 (nonzero) array, a PIL image or a path."""
+    if isinstance(mask, (str, os.PathLike)):
+        array = _open_image(mask, name, "L")
+    elif isinstance(mask, Image.Image):
+        array = np.asarray(mask.convert("L"))
+    elif hasattr(mask, "shape") and hasattr(mask, "dtype"):
+        array = np.asarray(mask)
+        if array.dtype not in (np.bool_, np.uint8):
+            raise ValueError(f"{name}: expected a bool or uint8 array (True / nonzero = replace), got {array.dtype}")
+    else:
+        raise ValueError(f"{name}: expected a bool/uint8 array, a PIL image or a path, got {type(mask).__name__}")
+    if array.shape != tuple(image_shape):
+        raise ValueError(f"{name}: expected shape {tuple(image_shape)} (the image's height and width), "
+                         f"got {array.shape}")
+    return array.astype(bool)
+
+
+def _centre_square(array: np.ndarray) -> np.ndarray:
+    height, width = array.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return np.ascontiguousarray(array[top:top + side, left:left + side])
+
+
+def square_image(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (size, size, 3): the centre square, bicubic-resized (as the training data pipeline)."""
+    image = _centre_square(image)
+    if image.shape[0] == size:
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def square_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """bool (size, size): the centre square; a pixel is replaced if any part of it is."""
+    mask = _centre_square(mask)
+    if mask.shape[0] == size:
+        return mask
+    resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(resized) > 0
+
+
+def to_float(images_uint8) -> np.ndarray:
+    return np.asarray(images_uint8, np.float32) / 127.5 - 1.0
+
+
+def to_uint8(images) -> np.ndarray:
+    """[-1, 1] float images -> uint8 (rounded, clipped)."""
+    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def slerp(a, b, theta) -> np.ndarray:
+    """Spherical interpolation of the rows of a and b (any trailing shape) at fractions theta (T,)
+    -> (T, *a.shape); linear where the two are (anti)parallel."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    theta = np.asarray(theta, np.float64).reshape(-1, *([1] * a.ndim))
+    flat_a, flat_b = a.ravel(), b.ravel()
+    cos = np.dot(flat_a, flat_b) / max(np.linalg.norm(flat_a) * np.linalg.norm(flat_b), 1e-12)
+    omega = math.acos(min(1.0, max(-1.0, cos)))
+    if math.sin(omega) < 1e-6:
+        return ((1.0 - theta) * a + theta * b).astype(np.float32)
+    return ((np.sin((1.0 - theta) * omega) * a + np.sin(theta * omega) * b) / math.sin(omega)).astype(np.float32)
+
+
+def _bucket(count: int) -> int:
+    """CLIP and the prior run on batches padded to a power of two (at least 2), so that a few
+    compiled programs serve every batch size."""
+    return max(2, 1 << (count - 1).bit_length())
+
+
+def _pad_rows(array, rows: int) -> np.ndarray:
+    """`array` with its last row repeated up to `rows` rows."""
+    array = np.asarray(array)
+    return np.concatenate([array, np.repeat(array[-1:], rows - len(array), axis=0)])
+
+
+def _noise(seed: int, purpose: str, shape: tuple[int, ...], index: int = 0) -> np.ndarray:
+    """Standard normal initial noise from PCG64(seed, purpose, index): row i is the same whatever the rows after it."""
+    rng = np.random.Generator(np.random.PCG64([seed, _NOISE_STREAMS[purpose], index]))
+    return rng.standard_normal(shape, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline.
+
+class UnCLIPPipeline:
+    """CLIP + diffusion prior + decoder + upsamplers; see the module docstring.
+
+    `stage_callback(name)`, when set, is called as each stage starts (for progress displays).
+    """
+
+    def __init__(self, stages: Sequence[Stage], tokenizer: Tokenizer):
+        names = [stage.name for stage in stages]
+        unknown = [name for name in names if not _STAGE_NAME.fullmatch(name)]
+        missing = [name for name in REQUIRED_STAGES if name not in names]
+        if unknown or missing or len(set(names)) != len(names):
+            raise ValueError(f"stages: expected {list(REQUIRED_STAGES)} and optional upsamplers ('upsampler', "
+                             f"'upsampler_1', ...) once each, got {names}")
+        if not isinstance(tokenizer, Tokenizer):
+            raise ValueError(f"tokenizer: expected a dalle2_jax.tokenizer.Tokenizer, got {type(tokenizer).__name__}")
+        for stage in stages:
+            _check_variables(stage)
+        # On the device once, not with every call.
+        by_name = {stage.name: dataclasses.replace(stage, variables=jax.device_put(stage.variables))
+                   for stage in stages}
+        self.clip, self.prior, self.decoder = by_name["clip"], by_name["prior"], by_name["decoder"]
+        self.upsamplers = [by_name[name] for name in names if by_name[name].kind == "upsampler"]
+        self.tokenizer = tokenizer
+        self.stage_callback: Callable[[str], None] | None = None
+        self._check_chain()
+        self._schedules = {stage.name: _schedule(stage) for stage in self.stages if stage.kind != "clip"}
+        self._respaced: dict[tuple[str, int], diffusion.DiffusionSchedule] = {}
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [self.clip, self.prior, self.decoder, *self.upsamplers]
+
+    @property
+    def image_size(self) -> int:
+        """The resolution of the outputs: the last stage's."""
+        return int((self.upsamplers[-1] if self.upsamplers else self.decoder).module.image_size)
+
+    @property
+    def clip_load_size(self) -> int:
+        """The square size images are brought to on the host before CLIP (its training data's)."""
+        return int(_config_get(self.clip.config, "data.image_size", self.clip.module.image_size))
+
+    def _check_chain(self) -> None:
+        clip, prior, decoder = self.clip.module, self.prior.module, self.decoder.module
+        if self.tokenizer.context_length != clip.context_length:
+            raise ValueError(f"tokenizer: context_length {self.tokenizer.context_length} differs from the CLIP "
+                             f"model's {clip.context_length}")
+        if prior.embed_dim != clip.embed_dim:
+            raise ValueError(f"prior: embed_dim {prior.embed_dim} differs from the CLIP embedding size "
+                             f"{clip.embed_dim}")
+        if _prior_uses_text_encodings(self.prior.config) and (
+                prior.text_encoding_dim != clip.text_width or prior.max_text_len < clip.context_length):
+            raise ValueError(f"prior: text encodings ({prior.max_text_len}, {prior.text_encoding_dim}) do not hold "
+                             f"CLIP's ({clip.context_length}, {clip.text_width})")
+        if decoder.use_low_res or not (decoder.use_image_embed or decoder.use_text_encodings):
+            raise ValueError("decoder: expected a UNet conditioned on the CLIP image embedding and/or text")
+        cond = self.decoder.config.conditioning
+        if decoder.use_image_embed and int(cond.image_embed_dim) != clip.embed_dim:
+            raise ValueError(f"decoder: conditioning.image_embed_dim {cond.image_embed_dim} differs from the CLIP "
+                             f"embedding size {clip.embed_dim}")
+        if decoder.use_text_encodings and int(cond.text_width) != clip.text_width:
+            raise ValueError(f"decoder: conditioning.text_width {cond.text_width} differs from CLIP's text width "
+                             f"{clip.text_width}")
+        size = decoder.image_size
+        for stage in self.upsamplers:
+            low_res_size = int(_config_get(stage.config, "low_res_size", 0))
+            if not stage.module.use_low_res or low_res_size != size or stage.module.image_size <= size:
+                raise ValueError(f"{stage.name}: expected an upsampler from {size}px (config.low_res_size "
+                                 f"{low_res_size}, model.image_size {stage.module.image_size})")
+            size = stage.module.image_size
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_configs(cls, configs: Mapping[str, Any], *, tokenizer, seed: int = 0) -> "UnCLIPPipeline":
+        """A randomly initialised pipeline (see `random_variables`) from stage configs.
+
+        configs: {"clip": ..., "prior": ..., "decoder": ..., "upsampler": one config or a list}
+        (copied, not changed). As the training tasks do, prior sizes left None and the decoder's
+        `conditioning` come from the CLIP config. tokenizer: a Tokenizer or its directory.
+        """
+        seed = _check_seed(seed)
+        if not isinstance(configs, Mapping):
+            raise ValueError(f"configs: expected a mapping of stage name to config, got {type(configs).__name__}")
+        missing = [name for name in REQUIRED_STAGES if name not in configs]
+        if missing:
+            raise ValueError(f"configs: expected the stages {REQUIRED_STAGES} (and optional 'upsampler'), "
+                             f"missing {missing}")
+        tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_dir(tokenizer)
+        copy = lambda config: ml_collections.ConfigDict(config.to_dict() if hasattr(config, "to_dict")  # noqa: E731
+                                                        else dict(config))
+        named = [(name, copy(configs[name])) for name in REQUIRED_STAGES]
+        upsamplers = configs.get("upsampler", configs.get("upsamplers", ()))
+        upsamplers = [upsamplers] if not isinstance(upsamplers, (list, tuple)) else list(upsamplers)
+        named += [("upsampler" if i == 0 else f"upsampler_{i}", copy(config)) for i, config in enumerate(upsamplers)]
+
+        clip_module = build_module("clip", named[0][1])
+        prior_model = named[1][1].model
+        for key, value in (("embed_dim", clip_module.embed_dim), ("text_encoding_dim", clip_module.text_width),
+                           ("max_text_len", clip_module.context_length)):
+            if prior_model.get(key) is None:
+                prior_model[key] = int(value)
+        named[2][1].conditioning = ml_collections.ConfigDict(dict(
+            image_embed_dim=int(clip_module.embed_dim), text_len=int(clip_module.context_length),
+            text_width=int(clip_module.text_width)))
+
+        stages = []
+        for index, (name, config) in enumerate(named):
+            module = build_module(name, config)
+            variables = random_variables(abstract_variables(name, module, config), seed * 1000 + index)
+            stages.append(Stage(name, config, module, variables))
+        return cls(stages, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, path) -> "UnCLIPPipeline":
+        """Load a pipeline directory written by `save_pretrained` / `export_pipeline`."""
+        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+            raise ValueError(f"path: expected a pipeline directory path, got {path!r}")
+        root = Path(path)
+        if not root.is_dir():
+            raise FileNotFoundError(f"path: no pipeline directory at {os.fspath(path)!r}")
+        manifest_file = root / PIPELINE_FILE
+        if not manifest_file.is_file():
+            raise FileNotFoundError(f"path: {os.fspath(path)!r} has no {PIPELINE_FILE} (not a pipeline directory)")
+        try:
+            manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ValueError(f"path: {manifest_file} is corrupt ({error})") from None
+        names = manifest.get("stages") if isinstance(manifest, dict) else None
+        if (not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(names, list)
+                or not all(isinstance(n, str) for n in names)):
+            raise ValueError(f"path: {manifest_file} is corrupt (expected format {FORMAT!r} and a list of stages)")
+        if manifest.get("version") != VERSION:
+            raise ValueError(f"path: {manifest_file} has version {manifest.get('version')!r}; this code reads "
+                             f"version {VERSION}")
+        unknown = [name for name in names if not _STAGE_NAME.fullmatch(name)]
+        missing = [name for name in REQUIRED_STAGES if name not in names]
+        if unknown or missing or len(set(names)) != len(names):
+            raise ValueError(f"path: {manifest_file} is corrupt (stages {names}: expected {list(REQUIRED_STAGES)} "
+                             "and upsamplers 'upsampler', 'upsampler_1', ...)")
+        stages = [_load_stage(root / name, name) for name in names]
+        tokenizer_dir = root / "clip" / TOKENIZER_SUBDIR
+        if not tokenizer_dir.is_dir():
+            raise FileNotFoundError(f"path: {os.fspath(path)!r} has no clip/{TOKENIZER_SUBDIR}/ directory")
+        clip_stages = [stage for stage in stages if stage.name == "clip"]
+        context_length = clip_stages[0].module.context_length if clip_stages else None
+        try:
+            tokenizer = Tokenizer.from_dir(tokenizer_dir, context_length=context_length)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"path: {error}") from None
+        except Exception as error:  # the tokenizers library raises plain Exceptions on bad files
+            raise ValueError(f"path: the tokenizer in {tokenizer_dir} is corrupt ({error})") from None
+        return cls(stages, tokenizer)
+
+    def save_pretrained(self, path) -> None:
+        """Write the pipeline directory `path` atomically (a temporary directory beside it, then
+        renamed); an existing pipeline directory there is replaced."""
+        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+            raise ValueError(f"path: expected a directory path, got {path!r}")
+        target = Path(path).absolute()
+        if target.exists() and not (target.is_dir() and ((target / PIPELINE_FILE).is_file()
+                                                         or not any(target.iterdir()))):
+            raise ValueError(f"path: {os.fspath(path)!r} exists and is not a pipeline directory; "
+                             "not overwriting it")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+        try:
+            for stage in self.stages:
+                _save_stage(staging / stage.name, stage)
+            self.tokenizer.save(staging / "clip" / TOKENIZER_SUBDIR)
+            manifest = {"format": FORMAT, "version": VERSION, "stages": [stage.name for stage in self.stages],
+                        "image_size": self.image_size}
+            (staging / PIPELINE_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            _replace_directory(staging, target)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+
+    # -- stage runs ---------------------------------------------------------------------------
+
+    def _report(self, name: str) -> None:
+        if self.stage_callback is not None:
+            self.stage_callback(name)
+
+    def _schedule_for(self, stage: Stage, steps: int) -> diffusion.DiffusionSchedule:
+        key = (stage.name, steps)
+        if key not in self._respaced:
+            self._respaced[key] = sampling.respaced(self._schedules[stage.name], steps)
+        return self._respaced[key]
+
+    def _steps(self, stage: Stage, steps, name: str) -> int:
+        if steps is None:
+            steps = _config_get(stage.config, "diffusion.sampling_steps", 50)
+        steps = _check_count(steps, name)
+        total = self._schedules[stage.name].num_timesteps
+        if steps > total:
+            raise ValueError(f"{name}: expected at most the {stage.name}'s {total} training steps, got {steps}")
+        return steps
+
+    def _upsampler_steps(self, steps) -> list[int]:
+        if steps is None or isinstance(steps, (int, np.integer)):
+            return [self._steps(stage, steps, "upsampler_steps") for stage in self.upsamplers]
+        if not isinstance(steps, Sequence) or len(steps) != len(self.upsamplers):
+            raise ValueError(f"upsampler_steps: expected an int or one per upsampler ({len(self.upsamplers)}), "
+                             f"got {steps!r}")
+        return [self._steps(stage, s, f"upsampler_steps[{i}]") for i, (stage, s) in
+                enumerate(zip(self.upsamplers, steps))]
+
+    def _guidance(self, stage: Stage, scale, name: str) -> float:
+        return _check_scale(_config_get(stage.config, "diffusion.guidance_scale", 1.0) if scale is None else scale,
+                            name)
+
+    def _key(self, seed: int, stage: Stage) -> jax.Array:
+        """The sampler key of a stage: fold_in(key(seed), the stage's position)."""
+        return jax.random.fold_in(jax.random.key(seed), [s.name for s in self.stages].index(stage.name))
+
+    def _text(self, captions: list[str]):
+        """Unit text embeddings (B, D), token encodings (B, L, W) and mask (B, L) from CLIP."""
+        self._report("clip")
+        tokens = self.tokenizer(captions)
+        rows = _bucket(len(captions))
+        out = _encode_text_program(self.clip.module, self.clip.variables, _pad_rows(tokens["input_ids"], rows),
+                                   _pad_rows(tokens["attention_mask"], rows))
+        return tuple(a[:len(captions)] for a in out)
+
+    def _image_embeds(self, images: list[np.ndarray]) -> jax.Array:
+        self._report("clip")
+        size = self.clip_load_size
+        batch = np.stack([square_image(image, size) for image in images])
+        embeds = _encode_image_program(self.clip.module, self.clip.variables, _pad_rows(batch, _bucket(len(batch))))
+        return embeds[:len(batch)]
+
+    def _sample_prior(self, text, seed: int, steps, guidance_scale) -> jax.Array:
+        stage, config = self.prior, self.prior.config
+        steps = self._steps(stage, steps, "prior_steps")
+        scale = self._guidance(stage, guidance_scale, "prior_guidance_scale")
+        text_embed, encodings, mask = text
+        if not _prior_uses_text_encodings(config):
+            # The prior was trained on z_t alone: one masked stand-in token (tasks/prior.py).
+            batch = text_embed.shape[0]
+            encodings = jnp.zeros((batch, 1, stage.module.text_encoding_dim), jnp.float32)
+            mask = jnp.zeros((batch, 1), bool)
+        self._report("prior")
+        count = text_embed.shape[0]
+        text_embed, encodings, mask = (_pad_rows(a, _bucket(count)) for a in (text_embed, encodings, mask))
+        return prior_lib.sample_image_embeddings_jit(
+            stage.module, stage.variables, self._key(seed, stage), text_embed=text_embed, text_encodings=encodings,
+            text_mask=mask, schedule=self._schedule_for(stage, steps), steps=steps,
+            sampler=_config_get(config, "diffusion.sampler", "ddim"), guidance_scale=None if scale == 1.0 else scale,
+            num_candidates=int(_config_get(config, "diffusion.num_candidates", 1)),
+            eta=float(_config_get(config, "diffusion.eta", 0.0)))[:count]
+
+    def _decoder_text(self, text, batch: int) -> dict:
+        """The decoder's text kwargs: the caption's encodings, or without a caption a dropped
+        full-length stand-in (the compiled program of captioned decoding is reused)."""
+        if not self.decoder.module.use_text_encodings:
+            return {}
+        if text is None:
+            length, width = int(self.decoder.config.conditioning.text_len), self.clip.module.text_width
+            return {"text_encodings": jnp.zeros((batch, length, width), jnp.float32),
+                    "text_mask": jnp.ones((batch, length), bool), "drop_text": True}
+        _, encodings, mask = text
+        return {"text_encodings": encodings, "text_mask": mask}
+
+    def _decoder_options(self, *, sampler=None, eta=None, clip_denoised=None) -> dict:
+        config = self.decoder.config
+        return dict(
+            sampler=sampler or _config_get(config, "diffusion.sampler", "ddim"),
+            eta=float(_config_get(config, "diffusion.eta", 0.0) if eta is None else eta),
+            objective=_config_get(config, "diffusion.objective", "eps"),
+            clip_denoised=bool(_config_get(config, "diffusion.clip_denoised", True) if clip_denoised is None
+                               else clip_denoised))
+
+    def _decode(self, image_embed, text, x_T, seed: int, *, steps: int, guidance_scale: float, **options):
+        """Decoder samples in [-1, 1] from x_T (B, S, S, C); text None = no caption."""
+        stage = self.decoder
+        self._report("decoder")
+        return sampling.decode_images(
+            stage.module, stage.variables, self._key(seed, stage), **self._decoder_text(text, x_T.shape[0]),
+            image_embed=image_embed if stage.module.use_image_embed else None,
+            schedule=self._schedule_for(stage, steps), steps=steps, guidance_scale=guidance_scale, x_T=x_T,
+            image_size=stage.module.image_size, **self._decoder_options(**options))
+
+    def _invert(self, images_float, image_embed, steps: int) -> jax.Array:
+        """The decoder's DDIM inversion of [-1, 1] images at its size, without a caption."""
+        stage = self.decoder
+        self._report("invert")
+        return sampling.invert_images(
+            stage.module, stage.variables, images_float, **self._decoder_text(None, images_float.shape[0]),
+            image_embed=image_embed if stage.module.use_image_embed else None,
+            schedule=self._schedule_for(stage, steps), steps=steps,
+            objective=_config_get(stage.config, "diffusion.objective", "eps"),
+            fixed_point_iters=INVERSION_FIXED_POINT_ITERS)
+
+    def _upsample(self, images, seed: int, steps: list[int], *, known=None, frames: bool = False) -> jax.Array:
+        """Run the upsamplers on [-1, 1] images. `known` = (uint8 image, bool mask) restores the
+        known pixels after every stage. `frames`: one x_T for all rows and DDIM with eta 0, so
+        that frames of an interpolation differ only where their low-res inputs do."""
+        for index, (stage, stage_steps) in enumerate(zip(self.upsamplers, steps)):
+            size = stage.module.image_size
+            config = stage.config
+            self._report(stage.name)
+            batch = images.shape[0]
+            x_T = _noise(seed, "upsampler", (1 if frames else batch, size, size, stage.module.out_channels), index)
+            images = sampling.upsample_images(
+                stage.module, stage.variables, self._key(seed, stage), images,
+                schedule=self._schedule_for(stage, stage_steps), steps=stage_steps,
+                sampler="ddim" if frames else _config_get(config, "diffusion.sampler", "ddim"),
+                eta=0.0 if frames else float(_config_get(config, "diffusion.eta", 0.0)),
+                x_T=np.broadcast_to(x_T, (batch, *x_T.shape[1:])),
+                objective=_config_get(config, "diffusion.objective", "eps"),
+                clip_denoised=bool(_config_get(config, "diffusion.clip_denoised", True)))
+            if known is not None:
+                image, mask = known
+                replace = square_mask(mask, size)[None, :, :, None]
+                images = jnp.where(replace, images, to_float(square_image(image, size))[None])
+        return images
+
+    def _decoder_noise(self, seed: int, batch: int, purpose: str = "decoder") -> np.ndarray:
+        module = self.decoder.module
+        return _noise(seed, purpose, (batch, module.image_size, module.image_size, module.out_channels))
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def encode_text(self, prompts) -> np.ndarray:
+        """Unit-norm CLIP text embeddings (N, D) of a caption or a list of captions."""
+        return np.asarray(self._text(check_prompts(prompts))[0])
+
+    def encode_image(self, images) -> np.ndarray:
+        """Unit-norm CLIP image embeddings (N, D) of uint8 images, PIL images or paths."""
+        return np.asarray(self._image_embeds(load_images(images, "images")))
+
+    def generate(self, prompts, seed: int = 0, num_images_per_prompt: int = 1, *, prior_steps: int | None = None,
+                 decoder_steps: int | None = None, upsampler_steps=None, prior_guidance_scale: float | None = None,
+                 decoder_guidance_scale: float | None = None) -> np.ndarray:
+        """Text -> images: uint8 (len(prompts) * num_images_per_prompt, H, W, 3), prompt-major.
+
+        Steps and guidance scales default to each stage's config (diffusion.sampling_steps,
+        diffusion.guidance_scale); upsampler_steps is an int or one per upsampler.
+        """
+        prompts = check_prompts(prompts)
+        seed = _check_seed(seed)
+        per_prompt = _check_count(num_images_per_prompt, "num_images_per_prompt")
+        decoder_steps = self._steps(self.decoder, decoder_steps, "decoder_steps")
+        decoder_scale = self._guidance(self.decoder, decoder_guidance_scale, "decoder_guidance_scale")
+        up_steps = self._upsampler_steps(upsampler_steps)
+        self._steps(self.prior, prior_steps, "prior_steps")
+        self._guidance(self.prior, prior_guidance_scale, "prior_guidance_scale")
+
+        text = self._text(prompts)
+        text = tuple(jnp.repeat(a, per_prompt, axis=0) for a in text)
+        image_embed = self._sample_prior(text, seed, prior_steps, prior_guidance_scale)
+        batch = len(prompts) * per_prompt
+        images = self._decode(image_embed, text, self._decoder_noise(seed, batch), seed, steps=decoder_steps,
+                              guidance_scale=decoder_scale)
+        return to_uint8(self._upsample(images, seed, up_steps))
+
+    def variations(self, image, num_images: int = 4, seed: int = 0, invert: bool = False, *,
+                   eta: float | None = None, decoder_steps: int | None = None, upsampler_steps=None,
+                   decoder_guidance_scale: float | None = None) -> np.ndarray:
+        """Images sharing the CLIP image embedding of `image`: uint8 (num_images, H, W, 3).
+
+        invert=False decodes from fresh noise; invert=True from the image's own DDIM-inverted
+        x_T with DDIM eta (default INVERTED_ETA; eta 0 reconstructs the image), as the paper's
+        "bipartite representation" (z_i, x_T). No caption: the decoder's text is dropped.
+        From the inverted x_T the guidance scale defaults to 1 (the inversion is unguided).
+        """
+        picture = _one_image(image, "image")
+        num_images = _check_count(num_images, "num_images")
+        seed = _check_seed(seed)
+        if not isinstance(invert, bool):
+            raise ValueError(f"invert: expected a bool, got {invert!r}")
+        steps = self._steps(self.decoder, decoder_steps, "decoder_steps")
+        up_steps = self._upsampler_steps(upsampler_steps)
+        if eta is not None and (isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0):
+            raise ValueError(f"eta: expected a float >= 0, got {eta!r}")
+        image_embed = jnp.repeat(self._image_embeds([picture]), num_images, axis=0)
+        if invert:
+            scale = _check_scale(1.0 if decoder_guidance_scale is None else decoder_guidance_scale,
+                                 "decoder_guidance_scale")
+            x_T = self._invert(self._decoder_input(picture), image_embed[:1], steps)
+            x_T = jnp.repeat(x_T, num_images, axis=0)
+            images = self._decode(image_embed, None, x_T, seed, steps=steps, guidance_scale=scale, sampler="ddim",
+                                  eta=INVERTED_ETA if eta is None else float(eta), clip_denoised=False)
+        else:
+            scale = self._guidance(self.decoder, decoder_guidance_scale, "decoder_guidance_scale")
+            images = self._decode(image_embed, None, self._decoder_noise(seed, num_images), seed, steps=steps,
+                                  guidance_scale=scale, eta=eta)
+        return to_uint8(self._upsample(images, seed, up_steps))
+
+    def _decoder_input(self, picture: np.ndarray) -> np.ndarray:
+        return to_float(square_image(picture, self.decoder.module.image_size))[None]
+
+    def _check_frames(self, num_frames) -> int:
+        return _check_count(num_frames, "num_frames", minimum=2)
+
+    def interpolate(self, image_a, image_b, num_frames: int = 5, seed: int = 0, slerp_noise: bool = False, *,
+                    decoder_steps: int | None = None, upsampler_steps=None,
+                    decoder_guidance_scale: float | None = None) -> np.ndarray:
+        """Frames decoding slerp(z_a, z_b, theta), theta = linspace(0, 1, num_frames): uint8
+        (num_frames, H, W, 3). DDIM with eta 0 from one x_T shared by all frames, or with
+        slerp_noise=True from the slerp of the two images' inverted x_T (guidance then defaults to 1)."""
+        picture_a, picture_b = _one_image(image_a, "image_a"), _one_image(image_b, "image_b")
+        num_frames = self._check_frames(num_frames)
+        seed = _check_seed(seed)
+        if not isinstance(slerp_noise, bool):
+            raise ValueError(f"slerp_noise: expected a bool, got {slerp_noise!r}")
+        steps = self._steps(self.decoder, decoder_steps, "decoder_steps")
+        up_steps = self._upsampler_steps(upsampler_steps)
+        thetas = np.linspace(0.0, 1.0, num_frames)
+        embeds = np.asarray(self._image_embeds([picture_a, picture_b]))
+        frames = slerp(embeds[0], embeds[1], thetas)
+        if slerp_noise:
+            scale = _check_scale(1.0 if decoder_guidance_scale is None else decoder_guidance_scale,
+                                 "decoder_guidance_scale")
+            pictures = np.concatenate([self._decoder_input(picture_a), self._decoder_input(picture_b)])
+            inverted = np.asarray(self._invert(pictures, embeds, steps))
+            x_T, clip_denoised = slerp(inverted[0], inverted[1], thetas), False
+        else:
+            scale = self._guidance(self.decoder, decoder_guidance_scale, "decoder_guidance_scale")
+            x_T = np.repeat(self._decoder_noise(seed, 1, "interpolate"), num_frames, axis=0)
+            clip_denoised = None
+        images = self._decode(jnp.asarray(frames), None, x_T, seed, steps=steps, guidance_scale=scale,
+                              sampler="ddim", eta=0.0, clip_denoised=clip_denoised)
+        return to_uint8(self._upsample(images, seed, up_steps, frames=True))
+
+    def text_diff(self, image, source_caption: str, target_caption: str, num_frames: int = 5, seed: int = 0, *,
+                  max_theta: float = MAX_TEXT_DIFF_THETA, decoder_steps: int | None = None, upsampler_steps=None,
+                  decoder_guidance_scale: float | None = None) -> np.ndarray:
+        """Text diffs (paper, section 3.3): z_d = normalize(z_t(target) - z_t(source)); frame k decodes
+        slerp(z_i, z_d, theta_k), theta = linspace(0, max_theta, num_frames), with DDIM eta 0 from the
+        image's inverted x_T (frame 0 reconstructs the image). uint8 (num_frames, H, W, 3)."""
+        picture = _one_image(image, "image")
+        source = _check_caption(source_caption, "source_caption")
+        target = _check_caption(target_caption, "target_caption")
+        num_frames = self._check_frames(num_frames)
+        seed = _check_seed(seed)
+        max_theta = _check_scale(max_theta, "max_theta")
+        if not 0.0 < max_theta <= 1.0:
+            raise ValueError(f"max_theta: expected a fraction in (0, 1], got {max_theta}")
+        steps = self._steps(self.decoder, decoder_steps, "decoder_steps")
+        up_steps = self._upsampler_steps(upsampler_steps)
+        scale = _check_scale(1.0 if decoder_guidance_scale is None else decoder_guidance_scale,
+                             "decoder_guidance_scale")
+        text_embeds = np.asarray(self._text([source, target])[0], np.float64)
+        diff = text_embeds[1] - text_embeds[0]
+        if np.linalg.norm(diff) < 1e-6:
+            raise ValueError("target_caption: expected a caption whose CLIP embedding differs from "
+                             f"source_caption's, got {target!r} and {source!r}")
+        image_embed = np.asarray(self._image_embeds([picture]))
+        frames = slerp(image_embed[0], diff / np.linalg.norm(diff), np.linspace(0.0, max_theta, num_frames))
+        x_T = np.asarray(self._invert(self._decoder_input(picture), image_embed, steps))
+        images = self._decode(jnp.asarray(frames), None, np.repeat(x_T, num_frames, axis=0), seed, steps=steps,
+                              guidance_scale=scale, sampler="ddim", eta=0.0, clip_denoised=False)
+        return to_uint8(self._upsample(images, seed, up_steps, frames=True))
+
+    def inpaint(self, image, mask, prompt: str, seed: int = 0, num_images: int = 1, *,
+                prior_steps: int | None = None, decoder_steps: int | None = None, upsampler_steps=None,
+                prior_guidance_scale: float | None = None, decoder_guidance_scale: float | None = None,
+                jump_length: int = 10, jump_n_sample: int = 2) -> np.ndarray:
+        """Regenerate the masked region (True / nonzero = replace) for `prompt`: uint8
+        (num_images, H, W, 3) at the last stage's resolution.
+
+        The decoder resamples the region with RePaint (known pixels re-noised from the image at
+        every step, `jump_n_sample - 1` resampling jumps of `jump_length` steps) conditioned on the
+        prior's embedding for the prompt; each upsampler's output gets the known pixels back, and
+        at the end they are the input's (centre-cropped and resized to the output size) exactly.
+        """
+        picture = _one_image(image, "image")
+        region = load_mask(mask, "mask", picture.shape[:2])
+        prompt = _check_caption(prompt, "prompt")
+        seed = _check_seed(seed)
+        num_images = _check_count(num_images, "num_images")
+        jump_length = _check_count(jump_length, "jump_length")
+        jump_n_sample = _check_count(jump_n_sample, "jump_n_sample")
+        steps = self._steps(self.decoder, decoder_steps, "decoder_steps")
+        scale = self._guidance(self.decoder, decoder_guidance_scale, "decoder_guidance_scale")
+        up_steps = self._upsampler_steps(upsampler_steps)
+        self._steps(self.prior, prior_steps, "prior_steps")
+        self._guidance(self.prior, prior_guidance_scale, "prior_guidance_scale")
+
+        text = tuple(jnp.repeat(a, num_images, axis=0) for a in self._text([prompt]))
+        image_embed = self._sample_prior(text, seed, prior_steps, prior_guidance_scale)
+        stage = self.decoder
+        size = stage.module.image_size
+        known = np.repeat(to_float(square_image(picture, size))[None], num_images, axis=0)
+        decoder_mask = np.repeat(square_mask(region, size)[None], num_images, axis=0)
+        options = self._decoder_options()
+        del options["sampler"], options["eta"]  # RePaint is ancestral sampling
+        self._report("decoder")
+        images = sampling.inpaint_images(
+            stage.module, stage.variables, self._key(seed, stage), known, decoder_mask,
+            image_embed=image_embed if stage.module.use_image_embed else None, **self._decoder_text(text, num_images),
+            schedule=self._schedule_for(stage, steps), steps=steps, guidance_scale=scale, jump_length=jump_length,
+            jump_n_sample=jump_n_sample, x_T=self._decoder_noise(seed, num_images, "inpaint"), **options)
+        images = to_uint8(self._upsample(images, seed, up_steps, known=(picture, region)))
+        full = self.image_size
+        replace = square_mask(region, full)[None, :, :, None]
+        return np.where(replace, images, square_image(picture, full)[None])
+
+
+# ---------------------------------------------------------------------------------------------
+# Files.
+
+def _save_params(directory: Path, variables) -> None:
+    import orbax.checkpoint as ocp
+
+    host = jax.tree.map(np.asarray, variables)
+    ocp.PyTreeCheckpointer().save(directory.absolute(), args=ocp.args.PyTreeSave(host))
+
+
+def _load_params(directory: Path, stage_name: str):
+    import orbax.checkpoint as ocp
+
+    if not directory.is_dir():
+        raise FileNotFoundError(f"path: stage {stage_name!r} has no {PARAMS_SUBDIR}/ directory at {directory}")
+    try:
+        checkpointer = ocp.PyTreeCheckpointer()
+        tree = checkpointer.metadata(directory.absolute()).item_metadata.tree
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return checkpointer.restore(directory.absolute(), args=ocp.args.PyTreeRestore(item=tree,
+                                                                                      restore_args=restore_args))
+    except Exception as error:  # Orbax raises many kinds; all mean an unreadable checkpoint
+        raise ValueError(f"path: the parameters of stage {stage_name!r} in {directory} are corrupt "
+                         f"({type(error).__name__}: {error})") from None
+
+
+def _read_config(file: Path, argument: str) -> ml_collections.ConfigDict:
+    if not file.is_file():
+        raise FileNotFoundError(f"{argument}: no {file.name} at {file}")
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{argument}: {file} is corrupt ({error})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
+        raise ValueError(f"{argument}: {file} is corrupt (expected a stage config with a 'model' section)")
+    return ml_collections.ConfigDict(_as_tuples(raw))
+
+
+def _load_stage(directory: Path, name: str) -> Stage:
+    if not directory.is_dir():
+        raise FileNotFoundError(f"path: stage {name!r} listed in {PIPELINE_FILE} has no directory {directory}")
+    config = _read_config(directory / CONFIG_FILE, "path")
+    module = build_module(name, config)
+    return Stage(name, config, module, _load_params(directory / PARAMS_SUBDIR, name))
+
+
+def _save_stage(directory: Path, stage: Stage) -> None:
+    directory.mkdir(parents=True)
+    text = stage.config.to_json_best_effort(indent=2)
+    (directory / CONFIG_FILE).write_text(text + "\n", encoding="utf-8")
+    _save_params(directory / PARAMS_SUBDIR, stage.variables)
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    """Move the complete `staging` to `target`; an old `target` is moved aside first and removed after."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+        os.rmdir(old)
+        os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        if old is not None:
+            os.rename(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _workdir_stage(workdir: Path, name: str) -> Stage:
+    from dalle2_jax import checkpoint
+
+    config = _read_config(workdir / CONFIG_FILE, "root_workdir")
+    module = build_module(name, config)
+    return Stage(name, config, module, {"params": checkpoint.load_params(workdir, which="ema_params")})
+
+
+def _module_config(module) -> dict:
+    return {field.name: getattr(module, field.name) for field in dataclasses.fields(module)
+            if field.name not in ("parent", "name")}
+
+
+def export_pipeline(root_workdir, out) -> Path:
+    """Build the pipeline directory `out` from the training workdirs root_workdir/clip, /prior,
+    /decoder and /upsampler* (their config.json and latest checkpoint's EMA parameters; CLIP's
+    tokenizer from clip/tokenizer/); returns `out`."""
+    if not isinstance(root_workdir, (str, os.PathLike)) or not os.fspath(root_workdir):
+        raise ValueError(f"root_workdir: expected a directory path, got {root_workdir!r}")
+    root = Path(root_workdir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"root_workdir: no directory {os.fspath(root_workdir)!r}")
+    for name in REQUIRED_STAGES:
+        if not (root / name).is_dir():
+            raise FileNotFoundError(f"root_workdir: no {name}/ training workdir in {os.fspath(root_workdir)!r}")
+    from dalle2_jax.tasks.clip import load_clip
+
+    clip_model, clip_variables, tokenizer, clip_config = load_clip(root / "clip")
+    clip_config = ml_collections.ConfigDict(_as_tuples(clip_config.to_dict()))
+    clip_config.model = ml_collections.ConfigDict(_as_tuples(_module_config(clip_model)))
+    stages = [Stage("clip", clip_config, clip_model, clip_variables),
+              _workdir_stage(root / "prior", "prior"), _workdir_stage(root / "decoder", "decoder")]
+    upsampler_dirs = [d for d in sorted(root.glob("upsampler*")) if (d / CONFIG_FILE).is_file()]
+    upsamplers = [_workdir_stage(d, "upsampler") for d in upsampler_dirs]
+    upsamplers.sort(key=lambda stage: stage.module.image_size)
+    for index, stage in enumerate(upsamplers):
+        stage.name = "upsampler" if index == 0 else f"upsampler_{index}"
+    pipeline = UnCLIPPipeline([*stages, *upsamplers], tokenizer)
+    pipeline.save_pretrained(out)
+    return Path(out)

@@ -1,0 +1,224 @@
+"""UnCLIPPipeline on a tiny randomly initialised pipeline (the tiny configs shrunk further).
+
+All calls use batches of 2 so that the stages' compiled programs are shared between methods:
+the whole module compiles about a dozen small programs once (CLI tests reuse them in-process).
+"""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dalle2_jax import UnCLIPPipeline, config_util
+from dalle2_jax.tokenizer import train_bpe_tokenizer
+
+CAPTIONS = [f"a {size}{colour} {shape}" for size in ("", "small ", "large ")
+            for colour in ("red", "green", "blue", "yellow", "purple", "orange")
+            for shape in ("circle", "square", "triangle")]
+OUT = 16  # the upsampler's resolution; the decoder samples 8x8
+
+
+def tiny_configs() -> dict:
+    """Stage configs small enough to compile in seconds (CLIP 16px, decoder 8px, upsampler 8 -> 16).
+
+    The UNets predict x0: random ones then act like denoisers at high noise (eps = x_t / sqrt(1 - abar)),
+    so DDIM inversion stays finite and samples do not saturate as with random eps predictions.
+    """
+    clip = config_util.load_config("configs/clip.py:tiny")
+    clip.model.update(embed_dim=16, vocab_size=300, context_length=8, text_width=16, text_depth=1, text_heads=2,
+                      text_mlp_dim=32, image_size=16, patch_size=8, vision_width=16, vision_depth=1,
+                      vision_heads=2, vision_mlp_dim=32)
+    clip.data.image_size = 16
+    prior = config_util.load_config("configs/prior.py:tiny")
+    prior.model.update(embed_dim=None, text_encoding_dim=None, max_text_len=None, width=32, depth=1, num_heads=2,
+                       embed_scale=4.0)
+    prior.diffusion.update(sampling_steps=2, num_candidates=2)
+    decoder = config_util.load_config("configs/decoder.py:tiny")
+    decoder.model.update(image_size=8, model_channels=8, channel_mult=(1,), num_res_blocks=1,
+                         attention_resolutions=(), head_dim=8, num_groups=4, num_context_tokens=2, context_dim=16)
+    decoder.diffusion.update(sampling_steps=3, guidance_scale=3.0, objective="x0")
+    upsampler = config_util.load_config("configs/upsampler.py:tiny")
+    upsampler.low_res_size = 8
+    upsampler.model.update(image_size=OUT, model_channels=8, channel_mult=(1,), num_res_blocks=1, num_groups=4)
+    upsampler.diffusion.update(sampling_steps=2, objective="x0")
+    return {"clip": clip, "prior": prior, "decoder": decoder, "upsampler": upsampler}
+
+
+def tiny_pipeline(seed: int = 0) -> UnCLIPPipeline:
+    tokenizer = train_bpe_tokenizer(CAPTIONS, vocab_size=300, context_length=8)
+    return UnCLIPPipeline.from_configs(tiny_configs(), tokenizer=tokenizer, seed=seed)
+
+
+def sample_image(colour=(220, 40, 40), size: int = 20) -> np.ndarray:
+    image = np.full((size, size + 4, 3), 245, np.uint8)  # not square: centre-cropped
+    image[5:15, 7:17] = colour
+    return image
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def generated(pipe):
+    return pipe.generate(["a red circle", "a blue square"], seed=0)
+
+
+def check_images(images, count: int):
+    assert isinstance(images, np.ndarray) and images.dtype == np.uint8
+    assert images.shape == (count, OUT, OUT, 3)
+    assert images.std() > 1.0  # not a constant image
+
+
+def test_generate_shapes_and_determinism(pipe, generated):
+    check_images(generated, 2)
+    np.testing.assert_array_equal(generated, pipe.generate(["a red circle", "a blue square"], seed=0))
+    assert np.abs(generated.astype(int) - pipe.generate(["a red circle", "a blue square"], seed=1)).mean() > 1.0
+    several = pipe.generate("a red circle", seed=0, num_images_per_prompt=2)
+    check_images(several, 2)
+    assert np.abs(several[0].astype(int) - several[1]).mean() > 1.0
+
+
+def test_encoders_return_unit_embeddings(pipe, generated):
+    text = pipe.encode_text(["a red circle", "a blue square"])
+    images = pipe.encode_image(generated)
+    assert text.shape == images.shape == (2, 16)
+    np.testing.assert_allclose(np.linalg.norm(text, axis=-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(images, axis=-1), 1.0, rtol=1e-5)
+    assert not np.allclose(text[0], text[1])
+    # A PIL image and a list of arrays give the rows of the batch.
+    np.testing.assert_allclose(pipe.encode_image([Image.fromarray(generated[1]), generated[0]]), images[::-1],
+                               atol=1e-6)
+
+
+def test_variations(pipe):
+    image = sample_image()
+    fresh = pipe.variations(image, num_images=2, seed=0)
+    check_images(fresh, 2)
+    np.testing.assert_array_equal(fresh, pipe.variations(image, num_images=2, seed=0))
+    assert np.abs(fresh[0].astype(int) - fresh[1]).mean() > 1.0
+    # From the inverted x_T with eta > 0 (eta 0 is tested against text_diff's first frame).
+    varied = pipe.variations(image, num_images=2, seed=0, invert=True)
+    check_images(varied, 2)
+    assert np.abs(varied[0].astype(int) - varied[1]).mean() > 1.0
+
+
+def test_interpolate(pipe):
+    red, blue = sample_image(), sample_image((40, 80, 220))
+    frames = pipe.interpolate(red, blue, num_frames=2, seed=0)
+    check_images(frames, 2)
+    np.testing.assert_array_equal(frames, pipe.interpolate(red, blue, num_frames=2, seed=0))
+    assert np.abs(frames[0].astype(int) - frames[1]).mean() > 1.0
+    # The same image at both ends: every frame decodes the same embedding from the same x_T.
+    still = pipe.interpolate(red, red, num_frames=2, seed=0)
+    np.testing.assert_array_equal(still[0], still[1])
+    check_images(pipe.interpolate(red, blue, num_frames=2, seed=0, slerp_noise=True), 2)
+
+
+def test_text_diff_starts_from_the_reconstruction(pipe):
+    image = sample_image()
+    frames = pipe.text_diff(image, "a red circle", "a blue circle", num_frames=2, seed=0)
+    check_images(frames, 2)
+    np.testing.assert_array_equal(frames, pipe.text_diff(image, "a red circle", "a blue circle", num_frames=2))
+    assert np.abs(frames[0].astype(int) - frames[1]).mean() > 1.0
+    # theta = 0 is the image's own embedding decoded from its inverted x_T: variations(invert, eta=0)
+    # (whose first row has the frames' upsampler noise).
+    np.testing.assert_array_equal(frames[0], pipe.variations(image, num_images=2, invert=True, eta=0.0)[0])
+
+
+def test_inpaint_keeps_the_known_pixels(pipe):
+    image = sample_image((40, 170, 70), size=OUT)[:, 2:-2]  # square at the output size: no resizing
+    mask = np.zeros(image.shape[:2], np.uint8)
+    mask[4:12, 4:12] = 255
+    out = pipe.inpaint(image, mask, "a blue square", seed=0)  # one image, as the CLI (its programs are shared)
+    check_images(out, 1)
+    known = mask == 0
+    for sample in out:
+        np.testing.assert_array_equal(sample[known], image[known])
+        assert np.abs(sample[~known].astype(int) - image[~known]).mean() > 1.0
+    np.testing.assert_array_equal(out, pipe.inpaint(image, mask.astype(bool), "a blue square", seed=0))
+
+
+def test_save_and_load_round_trip(pipe, generated, tmp_path):
+    path = tmp_path / "model"
+    pipe.save_pretrained(path)
+    assert json.loads((path / "pipeline.json").read_text())["stages"] == ["clip", "prior", "decoder", "upsampler"]
+    loaded = UnCLIPPipeline.from_pretrained(path)
+    np.testing.assert_array_equal(loaded.generate(["a red circle", "a blue square"], seed=0), generated)
+    pipe.save_pretrained(path)  # replaces its own directory
+    assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+def test_bad_inputs_name_the_argument(pipe, tmp_path):
+    image = sample_image()
+    cases = [
+        (lambda: pipe.generate([]), ValueError, "prompts"),
+        (lambda: pipe.generate(["a red circle", "  "]), ValueError, r"prompts\[1\]"),
+        (lambda: pipe.generate(["a red circle", 3]), ValueError, r"prompts\[1\]"),
+        (lambda: pipe.generate(["a red circle"], num_images_per_prompt=0), ValueError, "num_images_per_prompt"),
+        (lambda: pipe.generate(["a red circle"], seed=-1), ValueError, "seed"),
+        (lambda: pipe.generate(["a red circle"], decoder_steps=0), ValueError, "decoder_steps"),
+        (lambda: pipe.generate(["a red circle"], upsampler_steps=[1, 2]), ValueError, "upsampler_steps"),
+        (lambda: pipe.encode_text([]), ValueError, "prompts"),
+        (lambda: pipe.variations(image[..., 0]), ValueError, "image"),
+        (lambda: pipe.variations(np.zeros((8, 8, 4), np.uint8)), ValueError, "image"),
+        (lambda: pipe.variations(image.astype(np.float32)), ValueError, "image"),
+        (lambda: pipe.variations(np.stack([image, image])), ValueError, "image"),
+        (lambda: pipe.variations(str(tmp_path / "missing.png")), FileNotFoundError, "image"),
+        (lambda: pipe.encode_image(np.zeros((2, 1, 8, 8, 3), np.uint8)), ValueError, "images"),
+        (lambda: pipe.interpolate(image, image, num_frames=1), ValueError, "num_frames"),
+        (lambda: pipe.interpolate(image, np.zeros((8, 8), np.uint8)), ValueError, "image_b"),
+        (lambda: pipe.text_diff(image, "a red circle", "", num_frames=2), ValueError, "target_caption"),
+        (lambda: pipe.text_diff(image, "a red circle", "a red circle"), ValueError, "target_caption"),
+        (lambda: pipe.text_diff(image, 5, "a red circle"), ValueError, "source_caption"),
+        (lambda: pipe.inpaint(image, np.zeros((8, 8), bool), "a blue square"), ValueError, "mask"),
+        (lambda: pipe.inpaint(image, np.zeros(image.shape[:2], np.float32), "a blue square"), ValueError, "mask"),
+        (lambda: pipe.inpaint(image, np.zeros(image.shape[:2], bool), ""), ValueError, "prompt"),
+    ]
+    for call, error, name in cases:
+        with pytest.raises(error, match=name):
+            call()
+
+
+def test_missing_or_corrupt_model_directories(pipe, tmp_path):
+    with pytest.raises(FileNotFoundError, match="path"):
+        UnCLIPPipeline.from_pretrained(tmp_path / "nowhere")
+    good = tmp_path / "good"
+    pipe.save_pretrained(good)
+
+    def broken(name, damage):
+        copy = tmp_path / name
+        shutil.copytree(good, copy)
+        damage(copy)
+        return copy
+
+    with pytest.raises(FileNotFoundError, match="pipeline.json"):
+        UnCLIPPipeline.from_pretrained(broken("no_manifest", lambda d: os.remove(d / "pipeline.json")))
+    with pytest.raises(ValueError, match="corrupt"):
+        UnCLIPPipeline.from_pretrained(broken("bad_manifest", lambda d: (d / "pipeline.json").write_text("{")))
+    with pytest.raises(FileNotFoundError, match="decoder"):
+        UnCLIPPipeline.from_pretrained(broken("no_decoder", lambda d: shutil.rmtree(d / "decoder")))
+    with pytest.raises(FileNotFoundError, match="params"):
+        UnCLIPPipeline.from_pretrained(broken("no_params", lambda d: shutil.rmtree(d / "prior" / "params")))
+
+    def scramble(directory):
+        for root, _, files in os.walk(directory / "decoder" / "params"):
+            for file in files:
+                with open(os.path.join(root, file), "wb") as f:
+                    f.write(b"not a checkpoint")
+
+    with pytest.raises(ValueError, match="corrupt"):
+        UnCLIPPipeline.from_pretrained(broken("bad_params", scramble))
+
+    def widen(directory):
+        config = json.loads((directory / "decoder" / "config.json").read_text())
+        config["model"]["model_channels"] = 16
+        (directory / "decoder" / "config.json").write_text(json.dumps(config))
+
+    with pytest.raises(ValueError, match="decoder: parameters do not fit"):
+        UnCLIPPipeline.from_pretrained(broken("wrong_shapes", widen))
+    with pytest.raises(ValueError, match="path"):
+        pipe.save_pretrained(tmp_path / "no_manifest")  # not a pipeline directory any more: kept
