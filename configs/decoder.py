@@ -28,7 +28,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     config.seed = 0
     config.compute_dtype = "float32"
 
-    # CPU demo: 32px, 4.8M parameters.
+    # CPU demo: 32px, 3.4M parameters (one block per level and attention at 8px only: a train
+    # step at batch 32 takes 2.5 s on 2 CPU cores against 4.7 s with two blocks and 16px attention).
     model = dict(
         image_size=32,
         out_channels=3,
@@ -36,8 +37,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         channels=(),  # empty: model_channels * channel_mult
         model_channels=32,
         channel_mult=(1, 2, 4),
-        num_res_blocks=2,
-        attention_resolutions=(16, 8),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
         mid_attention=True,
         head_dim=32,
         num_heads=0,

@@ -58,6 +58,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         train_dir="",  # "" = <workdir>/../embeddings/train
         eval_dirs=ml_collections.ConfigDict(dict(test="", test_unseen="")),  # "" = <train_dir>/../<name>
         use_text_encodings=None,  # None: when the training set stores them
+        text_len=None,  # train on the first N token positions (all real tokens must fit); None: all
         worker_count=0,
     ))
     config.eval = ml_collections.ConfigDict(dict(
@@ -72,6 +73,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     config.eval_every = 2_000
     config.checkpoint_every = 2_000
     config.keep_checkpoints = 3
+    config.progress_bar = True
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     config.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=1.1e-4,

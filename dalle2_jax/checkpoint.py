@@ -134,7 +134,7 @@ def load_params(path: str | os.PathLike, *, which: str = "ema_params", step: int
     if step is None or step not in steps:
         raise FileNotFoundError(f"path: no complete checkpoint {'' if step is None else step} "
                                 f"in {directory} (available: {steps})")
-    state_dir = directory / str(step) / STATE_ITEM
+    state_dir = (directory / str(step) / STATE_ITEM).absolute()  # Orbax misreads relative paths
     checkpointer = ocp.PyTreeCheckpointer()
     metadata = checkpointer.metadata(state_dir).item_metadata.tree
     if which not in metadata:

@@ -621,11 +621,24 @@ class UnCLIPPipeline:
         embeds = _encode_image_program(self.clip.module, self.clip.variables, _pad_rows(batch, _bucket(len(batch))))
         return embeds[:len(batch)]
 
-    def _sample_prior(self, text, seed: int, steps, guidance_scale) -> jax.Array:
+    def _sample_prior(self, text, seed: int, steps, guidance_scale, *, argument: str = "prompts",
+                      rows_per_caption: int = 1) -> jax.Array:
+        """Best-of-k prior samples for CLIP text (embeds, encodings, mask) with `rows_per_caption`
+        rows per caption of `argument` (named in the error of a caption too long for the prior)."""
         stage, config = self.prior, self.prior.config
         steps = self._steps(stage, steps, "prior_steps")
         scale = self._guidance(stage, guidance_scale, "prior_guidance_scale")
         text_embed, encodings, mask = text
+        text_len = _config_get(config, "data.text_len")
+        if _prior_uses_text_encodings(config) and text_len is not None and int(text_len) < encodings.shape[1]:
+            # Trained on the first text_len positions: beyond them its null text is untrained.
+            text_len = int(text_len)
+            too_long = np.flatnonzero(np.asarray(mask)[:, text_len:].any(axis=1))
+            if too_long.size:
+                index = "" if argument == "prompt" else f"[{too_long[0] // rows_per_caption}]"
+                raise ValueError(f"{argument}{index}: longer than {text_len} tokens, the longest text the prior "
+                                 "was trained on (its config.data.text_len)")
+            encodings, mask = encodings[:, :text_len], mask[:, :text_len]
         if not _prior_uses_text_encodings(config):
             # The prior was trained on z_t alone: one masked stand-in token (tasks/prior.py).
             batch = text_embed.shape[0]
@@ -740,7 +753,8 @@ class UnCLIPPipeline:
 
         text = self._text(prompts)
         text = tuple(jnp.repeat(a, per_prompt, axis=0) for a in text)
-        image_embed = self._sample_prior(text, seed, prior_steps, prior_guidance_scale)
+        image_embed = self._sample_prior(text, seed, prior_steps, prior_guidance_scale,
+                                         rows_per_caption=per_prompt)
         batch = len(prompts) * per_prompt
         images = self._decode(image_embed, text, self._decoder_noise(seed, batch), seed, steps=decoder_steps,
                               guidance_scale=decoder_scale)
@@ -871,7 +885,7 @@ class UnCLIPPipeline:
         self._guidance(self.prior, prior_guidance_scale, "prior_guidance_scale")
 
         text = tuple(jnp.repeat(a, num_images, axis=0) for a in self._text([prompt]))
-        image_embed = self._sample_prior(text, seed, prior_steps, prior_guidance_scale)
+        image_embed = self._sample_prior(text, seed, prior_steps, prior_guidance_scale, argument="prompt")
         stage = self.decoder
         size = stage.module.image_size
         known = np.repeat(to_float(square_image(picture, size))[None], num_images, axis=0)

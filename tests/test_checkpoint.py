@@ -83,7 +83,7 @@ def test_keeps_latest_and_ignores_half_written_steps(tmp_path, devices8):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["4", "5"]
 
 
-def test_load_params_from_workdir(tmp_path, devices8):
+def test_load_params_from_workdir(tmp_path, devices8, monkeypatch):
     host, state = make_state(sharding.make_mesh(4, 2))
     tree = {"params": state["params"], "ema_params": jax.tree.map(lambda x: x * 0 + 1, state["params"])}
     with checkpoint.Checkpointer(tmp_path / checkpoint.CHECKPOINTS_SUBDIR) as ckpt:
@@ -92,6 +92,9 @@ def test_load_params_from_workdir(tmp_path, devices8):
     assert isinstance(loaded["kernel"], np.ndarray)
     assert tree_equal(loaded, jax.tree.map(np.ones_like, host["params"]))
     assert tree_equal(checkpoint.load_params(tmp_path / "checkpoints", which="params", step=3), host["params"])
+    with monkeypatch.context() as patch:  # a path relative to the working directory, as users type it
+        patch.chdir(tmp_path.parent)
+        assert tree_equal(checkpoint.load_params(tmp_path.name), jax.tree.map(np.ones_like, host["params"]))
     with pytest.raises(ValueError, match="which"):
         checkpoint.load_params(tmp_path, which="opt_state")
     with pytest.raises(FileNotFoundError, match="no complete checkpoint 9"):

@@ -59,17 +59,25 @@ def unit_norm(x: np.ndarray) -> np.ndarray:
 
 
 class _Fields:
-    """A random-access source showing only `keys` of another's items (no captions on device)."""
+    """A random-access source showing only `keys` of another's items (no captions on device), the
+    token encodings cut to their first `text_len` positions, which must hold every real token."""
 
-    def __init__(self, source, keys):
-        self.source, self.keys = source, tuple(keys)
+    def __init__(self, source, keys, text_len: int | None = None):
+        self.source, self.keys, self.text_len = source, tuple(keys), text_len
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index):
         item = self.source[index]
-        return {key: item[key] for key in self.keys}
+        fields = {key: item[key] for key in self.keys}
+        if self.text_len is not None and "text_mask" in fields:
+            if np.any(fields["text_mask"][self.text_len:]):
+                raise ValueError(f"config.data.text_len: row {index} of {self.source.directory} has real tokens "
+                                 f"after the first {self.text_len}; raise it or set it to None")
+            fields["text_encodings"] = fields["text_encodings"][:self.text_len]
+            fields["text_mask"] = fields["text_mask"][:self.text_len]
+        return fields
 
 
 def _dataset_sizes(source: embeddings.EmbeddingSource, argument: str) -> dict[str, int | None]:
@@ -129,6 +137,7 @@ class PriorTask:
         self.train_source = embeddings.EmbeddingSource(self.train_dir, captions=False)
         sizes = _dataset_sizes(self.train_source, "config.data.train_dir")
         self.use_text_encodings = self._resolve_text_encodings(data_config, sizes)
+        self.text_len = self._resolve_text_len(data_config, sizes)
         self._fill_model_sizes(config.model, sizes)
         self.model = prior_lib.DiffusionPrior(**config.model)
 
@@ -158,6 +167,14 @@ class PriorTask:
         data_config.use_text_encodings = bool(wanted)
         return bool(wanted)
 
+    def _resolve_text_len(self, data_config, sizes) -> int | None:
+        """The token positions the prior trains on: None = all stored ones."""
+        text_len = data_config.get("text_len")
+        if text_len is None or not self.use_text_encodings:
+            return None
+        text_len = _check_positive(text_len, "config.data.text_len")
+        return text_len if text_len < sizes["text_len"] else None
+
     def _fill_model_sizes(self, model_config, sizes) -> None:
         """Model sizes left None come from the data; those set must fit it."""
         found = {"embed_dim": sizes["embed_dim"]}
@@ -171,9 +188,10 @@ class PriorTask:
                 model_config[key] = int(value)
             elif not self.use_text_encodings and key != "embed_dim":
                 continue
-            elif key == "max_text_len" and current < value:
+            elif key == "max_text_len" and current < (self.text_len or value):
                 raise ValueError(f"config.model.max_text_len: {current} is shorter than the {value}-token "
-                                 f"encodings in {self.train_dir}; set it to None to read it from the data")
+                                 f"encodings in {self.train_dir}; set it to None to read it from the data "
+                                 "(or cut them with config.data.text_len)")
             elif key != "max_text_len" and current != value:
                 raise ValueError(f"config.model.{key}: {current} does not match the training set's {value} "
                                  f"({self.train_dir}); set it to None to read it from the data")
@@ -222,7 +240,7 @@ class PriorTask:
     def train_iterator(self, *, seed: int, process_index: int, process_count: int, per_process_batch: int):
         keys = EMBED_KEYS + (TEXT_KEYS if self.use_text_encodings else ())
         return pipeline.make_embedding_iterator(
-            _Fields(self.train_source, keys), batch_size=per_process_batch, seed=seed,
+            _Fields(self.train_source, keys, self.text_len), batch_size=per_process_batch, seed=seed,
             process_index=process_index, process_count=process_count,
             worker_count=int(self.config.data.get("worker_count", 0)))
 
@@ -240,13 +258,15 @@ class PriorTask:
                 raise ValueError(f"{argument}: {sizes['embed_dim']}-d embeddings in {source.directory}, "
                                  f"the training set's are {self.model.embed_dim}-d")
             if self.use_text_encodings and (sizes["text_width"] != self.model.text_encoding_dim
-                                            or sizes["text_len"] > self.model.max_text_len):
+                                            or min(sizes["text_len"], self.text_len or sizes["text_len"])
+                                            > self.model.max_text_len):
                 raise ValueError(f"{argument}: expected text encodings (L <= {self.model.max_text_len}, "
                                  f"{self.model.text_encoding_dim}) as the training set's, got "
                                  f"({sizes['text_len']}, {sizes['text_width']}) in {source.directory}")
             count = min(_check_positive(self.config.eval.num_examples, "config.eval.num_examples"), len(source))
             keys = EMBED_KEYS + (TEXT_KEYS if self.use_text_encodings else ())
-            items = [source[i] for i in range(count)]
+            fields = _Fields(source, keys, self.text_len)
+            items = [fields[i] for i in range(count)]
             self._eval_rows[name] = {key: np.stack([item[key] for item in items]).astype(
                 bool if key == "text_mask" else np.float32) for key in keys}
         return self._eval_rows[name]

@@ -7,11 +7,13 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from dalle2_jax import UnCLIPPipeline, config_util
+from dalle2_jax.pipeline import export_pipeline
 from dalle2_jax.tokenizer import train_bpe_tokenizer
 
 CAPTIONS = [f"a {size}{colour} {shape}" for size in ("", "small ", "large ")
@@ -222,3 +224,62 @@ def test_missing_or_corrupt_model_directories(pipe, tmp_path):
         UnCLIPPipeline.from_pretrained(broken("wrong_shapes", widen))
     with pytest.raises(ValueError, match="path"):
         pipe.save_pretrained(tmp_path / "no_manifest")  # not a pipeline directory any more: kept
+
+
+def test_export_from_training_workdirs(pipe, generated, tmp_path):
+    """Workdirs as the training loop leaves them (config.json, checkpoints/<step>/ with the EMA
+    parameters, CLIP's tokenizer/) export to a pipeline that samples as the original."""
+    from dalle2_jax import checkpoint
+
+    root = tmp_path / "run"
+    for stage in pipe.stages:
+        workdir = root / stage.name
+        workdir.mkdir(parents=True)
+        (workdir / "config.json").write_text(stage.config.to_json_best_effort())
+        params = jax.tree.map(np.asarray, stage.variables["params"])
+        zeros = jax.tree.map(np.zeros_like, params)
+        with checkpoint.Checkpointer(workdir / "checkpoints", async_save=False) as saver:
+            saver.save(3, {"params": zeros, "ema_params": params, "step": np.int32(3)})
+    pipe.tokenizer.save(root / "clip" / "tokenizer")
+    export_pipeline(root, tmp_path / "exported")
+    exported = UnCLIPPipeline.from_pretrained(tmp_path / "exported")
+    np.testing.assert_array_equal(exported.generate(["a red circle", "a blue square"], seed=0), generated)
+    with pytest.raises(FileNotFoundError, match="root_workdir"):
+        export_pipeline(tmp_path / "nowhere", tmp_path / "out")
+    shutil.rmtree(root / "prior")
+    with pytest.raises(FileNotFoundError, match="prior"):
+        export_pipeline(root, tmp_path / "out")
+
+
+def test_prior_trained_on_cut_text_sees_only_those_positions(pipe):
+    """A prior trained with config.data.text_len = N samples from the first N token positions
+    only: the unconditional half of guidance never meets the untrained null tokens beyond N,
+    and a caption longer than N is refused, named."""
+    import dataclasses
+
+    import ml_collections
+
+    lengths = pipe.tokenizer(["a red circle", "a small red circle"])["attention_mask"].sum(axis=1)
+    text_len = int(lengths[0])
+    assert lengths[1] > text_len and text_len < pipe.clip.module.context_length
+
+    def with_prior(text_len, null_shift=0.0):
+        config = ml_collections.ConfigDict(pipe.prior.config.to_dict())
+        config.data.text_len = text_len
+        params = jax.tree.map(np.asarray, pipe.prior.variables)
+        params["params"]["null_text_encodings"] = params["params"]["null_text_encodings"].copy()
+        params["params"]["null_text_encodings"][int(lengths[0]):] += null_shift
+        prior = dataclasses.replace(pipe.prior, config=config, variables=params)
+        return UnCLIPPipeline([pipe.clip, prior, pipe.decoder, *pipe.upsamplers], pipe.tokenizer)
+
+    options = dict(seed=0, prior_guidance_scale=4.0, decoder_steps=2, upsampler_steps=1)
+    cut = with_prior(text_len).generate(["a red circle", "a red circle"], **options)
+    np.testing.assert_array_equal(cut, with_prior(text_len, null_shift=5.0).generate(
+        ["a red circle", "a red circle"], **options))
+    full = with_prior(None).generate(["a red circle", "a red circle"], **options)
+    assert np.abs(full.astype(int) - with_prior(None, null_shift=5.0).generate(
+        ["a red circle", "a red circle"], **options)).mean() > 1.0
+    with pytest.raises(ValueError, match=r"prompts\[1\].*config.data.text_len"):
+        with_prior(text_len).generate(["a red circle", "a small red circle"], **options)
+    with pytest.raises(ValueError, match=r"prompt:.*config.data.text_len"):
+        with_prior(text_len).inpaint(sample_image(), np.ones((20, 24), bool), "a small red circle", **options)

@@ -53,14 +53,14 @@ def write_clip_dir(path: str, data_dir: str) -> str:
     return path
 
 
-def decoder_overrides(data_dir: str, clip_dir: str, **extra) -> list[str]:
+def decoder_overrides(data_dir: str, clip_dir: str, extra: dict | None = None) -> list[str]:
     values = {f"model.{k}": v for k, v in UNET.items()}
     values.update({f"data.{k}": v for k, v in SHAPES_SIZES.items()})
     values.update({"data.data_dir": data_dir, "clip_dir": clip_dir, "total_steps": STEPS, "batch_size": BATCH,
                    "log_every": 1, "eval_every": STEPS, "checkpoint_every": 1, "progress_bar": False,
                    "optimizer.warmup_steps": 1, "optimizer.learning_rate": 1e-3,
                    "eval.samples_per_condition": 1, "eval.sampling_steps": 3})
-    values.update(extra)
+    values.update(extra or {})
     return [f"--config.{key}={value}" for key, value in values.items()]
 
 
@@ -157,7 +157,7 @@ def test_one_device_continues_exactly_like_8_devices(run, tmp_path, data_dir, cl
     workdir, state = run
     shutil.copytree(os.path.join(workdir, "checkpoints", "1"), tmp_path / "checkpoints" / "1")
     config = config_util.load_config("configs/decoder.py:tiny",
-                                     decoder_overrides(data_dir, clip_dir, eval_every=0))
+                                     decoder_overrides(data_dir, clip_dir, {"eval_every": 0}))
     one_device = sharding.make_mesh(1, 1, devices=devices8[:1])
     reference = jax.device_get(loop.train(decoder.make_task(config), config, str(tmp_path), mesh=one_device))
     expected = [r for r in metrics.read_metrics(workdir) if "loss" in r][1:]
@@ -212,7 +212,7 @@ def _learned_variance_params(params, seed: int):
 
 def test_hybrid_loss_and_gradient_are_finite_at_every_t_in_bfloat16(data_dir, clip_dir, task, run):
     config = config_util.load_config("configs/decoder.py:tiny", decoder_overrides(
-        data_dir, clip_dir, compute_dtype="bfloat16", **{"model.learned_variance": True}))
+        data_dir, clip_dir, {"compute_dtype": "bfloat16", "model.learned_variance": True}))
     bf16_task = decoder.make_task(config)
     assert bf16_task.unet.dtype == "bfloat16" and bf16_task.unet.learned_variance
     params = _learned_variance_params(run[1].params, seed=1)
@@ -270,7 +270,7 @@ def test_downsample_is_the_block_mean_or_an_antialiased_resize():
 
 def test_bad_configuration_raises(data_dir, clip_dir, tmp_path):
     def make(extra, workdir=None):
-        config = config_util.load_config("configs/decoder.py:tiny", decoder_overrides(data_dir, clip_dir, **extra))
+        config = config_util.load_config("configs/decoder.py:tiny", decoder_overrides(data_dir, clip_dir, extra))
         return decoder.make_task(config, workdir=workdir)
 
     with pytest.raises(FileNotFoundError, match="config.clip_dir"):

@@ -249,3 +249,29 @@ def test_bad_configs_raise(train_dir, tmp_path):
     config = small_config(train_dir, **{"data.eval_dirs": {"test": "", "test_unseen": ""}})
     assert prior_task.make_task(config).eval_dirs == {}
     assert prior_task.default_train_dir(tmp_path / "runs" / "prior") == str(tmp_path / "runs" / "embeddings" / "train")
+
+
+def test_text_len_cuts_the_padding_and_refuses_longer_captions(train_dir, tmp_path):
+    """config.data.text_len trains on the first N token positions (the padding after them costs
+    attention for nothing); a row with a real token past N is an error, not a silent cut."""
+    short = pairs(7, count=PAIRS)
+    short["text_mask"][:, 3:] = False
+    short_dir = embeddings.write_embedding_dataset(str(tmp_path / "short"), **short)
+    task = prior_task.make_task(small_config(short_dir, **{"data.text_len": 3}))
+    assert task.model.max_text_len == TEXT_LEN  # the model keeps the stored length: CLIP's context
+    batch = next(task.train_iterator(seed=0, process_index=0, process_count=1, per_process_batch=PAIRS))
+    assert batch["text_encodings"].shape == (PAIRS, 3, TEXT_WIDTH) and batch["text_mask"].shape == (PAIRS, 3)
+    rows = task.eval_rows("test")
+    np.testing.assert_array_equal(rows["text_mask"], short["text_mask"][:, :3])
+    np.testing.assert_allclose(rows["text_encodings"], short["text_encodings"][:, :3].astype(np.float32))
+    # Only the real tokens matter: the cut rows give the loss of the full-length rows.
+    full_task = prior_task.make_task(small_config(short_dir))
+    full = next(full_task.train_iterator(seed=0, process_index=0, process_count=1, per_process_batch=PAIRS))
+    params = numpy_params(jax.eval_shape(task.init_params, jax.random.key(0), batch), seed=1)
+    cut_loss, _ = task.loss(params, batch, jax.random.key(3), train=False)
+    full_loss, _ = full_task.loss(params, full, jax.random.key(3), train=False)
+    np.testing.assert_allclose(cut_loss, full_loss, rtol=1e-5)
+
+    long_task = prior_task.make_task(small_config(train_dir, **{"data.text_len": 3}))
+    with pytest.raises(ValueError, match="config.data.text_len"):
+        long_task.eval_rows("test")
