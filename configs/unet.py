@@ -61,5 +61,6 @@ def get_config(variant: str = "bench") -> ml_collections.ConfigDict:
     config.conditioning = ml_collections.ConfigDict(dict(image_embed_dim=512, text_len=77, text_width=512))
     config.diffusion.learned_variance = config.model.get_ref("learned_variance")
     config.diffusion.sampling_steps = 50
+    config.diffusion.objective = "eps"  # Karlo's decoder predicts eps
     config.batch_size = 8
     return config
