@@ -156,9 +156,9 @@ def abstract_variables(stage_name: str, module, config):
     return jax.eval_shape(lambda key, args, kwargs: module.init(key, *args, **kwargs), jax.random.key(0), args, kwargs)
 
 
-def random_variables(abstract, seed: int):
+def random_variables(abstract, seed: int, scale: float = 1.0):
     """Host-drawn variables for `abstract`: zero biases, unit norm scales, every other leaf
-    ~ N(0, 1 / fan_in) (fan_in = the product of all but the last axis).
+    ~ N(0, scale^2 / fan_in) (fan_in = the product of all but the last axis).
 
     Not the models' own initialisers (those compile a random program per parameter shape,
     tens of CPU seconds for a tiny pipeline) and no ADM zero-init: outputs depend on inputs.
@@ -172,7 +172,7 @@ def random_variables(abstract, seed: int):
         if name.endswith("['scale']"):
             return np.ones(leaf.shape, leaf.dtype)
         fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 1
-        return (rng.standard_normal(leaf.shape) / math.sqrt(fan_in)).astype(leaf.dtype)
+        return (scale * rng.standard_normal(leaf.shape) / math.sqrt(fan_in)).astype(leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(draw, abstract)
 

@@ -35,3 +35,13 @@ def devices8():
     devices = jax.devices()
     assert len(devices) == 8, f"expected 8 simulated devices, got {len(devices)}"
     return devices
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, request):
+    """A `shapes` build of the sizes in the test module's SHAPES_SIZES, shared by its tests."""
+    from dalle2_jax.data import shapes
+
+    directory = str(tmp_path_factory.mktemp("data"))
+    shapes.build_shapes(directory, **request.module.SHAPES_SIZES)
+    return directory

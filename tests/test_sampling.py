@@ -11,25 +11,14 @@ import pytest
 
 from dalle2_jax import diffusion, sampling
 from dalle2_jax.models.unet import UNet
+from dalle2_jax.pipeline import random_variables
 
 BATCH, SIZE, EMBED_DIM, TEXT_LEN, TEXT_WIDTH = 2, 8, 8, 5, 12
 
 
 def random_params(unet, seed: int, *args, scale: float = 0.5, **kwargs):
-    """Zero biases, unit norm scales, every other leaf ~ N(0, scale^2 / fan_in)."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = jax.tree_util.keystr(path)
-        if name.endswith("['bias']"):
-            return np.zeros(leaf.shape, np.float32)
-        if name.endswith("['scale']"):
-            return np.ones(leaf.shape, np.float32)
-        fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 1
-        return (scale * rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
-
-    abstract = jax.eval_shape(unet.init, jax.random.key(0), *args, **kwargs)
-    return jax.tree_util.tree_map_with_path(draw, abstract)
+    """The pipeline's host-drawn random variables (no init program to compile), at `scale`."""
+    return random_variables(jax.eval_shape(unet.init, jax.random.key(0), *args, **kwargs), seed, scale)
 
 
 @pytest.fixture(scope="module")

@@ -33,13 +33,6 @@ def _overrides(data_dir, **extra):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp("data"))
-    shapes.build_shapes(directory, **SHAPES_SIZES)
-    return directory
-
-
-@pytest.fixture(scope="module")
 def workdir(tmp_path_factory, data_dir):
     """A few loop steps of the tiny config (shrunk) through `dalle2-jax train clip`'s entry point."""
     workdir = str(tmp_path_factory.mktemp("run") / "clip")

@@ -65,13 +65,6 @@ def decoder_overrides(data_dir: str, clip_dir: str, extra: dict | None = None) -
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp("data"))
-    shapes.build_shapes(directory, **SHAPES_SIZES)
-    return directory
-
-
-@pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory, data_dir):
     return write_clip_dir(str(tmp_path_factory.mktemp("runs") / "clip"), data_dir)
 

@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 from dalle2_jax import augment, config_util, sharding
-from dalle2_jax.data import shapes
 from dalle2_jax.tasks import decoder
 from dalle2_jax.tasks import upsampler
 from dalle2_jax.training import entry, metrics
@@ -27,13 +26,6 @@ def upsampler_overrides(data_dir: str, **extra) -> list[str]:
                    "eval.num_images": EVAL_IMAGES, "eval.sampling_steps": 2})
     values.update(extra)
     return [f"--config.{key}={value}" for key, value in values.items()]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp("data"))
-    shapes.build_shapes(directory, **SHAPES_SIZES)
-    return directory
 
 
 @pytest.fixture(scope="module")
