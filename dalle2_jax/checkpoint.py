@@ -135,12 +135,14 @@ def load_params(path: str | os.PathLike, *, which: str = "ema_params", step: int
         raise FileNotFoundError(f"path: no complete checkpoint {'' if step is None else step} "
                                 f"in {directory} (available: {steps})")
     state_dir = (directory / str(step) / STATE_ITEM).absolute()  # Orbax misreads relative paths
-    checkpointer = ocp.PyTreeCheckpointer()
-    metadata = checkpointer.metadata(state_dir).item_metadata.tree
+    # The handler, not a PyTreeCheckpointer: that looks for step metadata inside the item
+    # directory and logs a warning on every load.
+    handler = ocp.PyTreeCheckpointHandler()
+    metadata = handler.metadata(state_dir).tree
     if which not in metadata:
         raise ValueError(f"which: checkpoint {state_dir} has no {which!r} (has {sorted(metadata)})")
     subtree = metadata[which]
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), subtree)
-    restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+    restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(
         item={which: subtree}, restore_args={which: restore_args}, partial_restore=True))
     return restored[which]
