@@ -629,17 +629,17 @@ class UnCLIPPipeline:
         steps = self._steps(stage, steps, "prior_steps")
         scale = self._guidance(stage, guidance_scale, "prior_guidance_scale")
         text_embed, encodings, mask = text
+        uses_text_encodings = _prior_uses_text_encodings(config)
         text_len = _config_get(config, "data.text_len")
-        if _prior_uses_text_encodings(config) and text_len is not None and int(text_len) < encodings.shape[1]:
+        if uses_text_encodings and text_len is not None and int(text_len) < encodings.shape[1]:
             # Trained on the first text_len positions: beyond them its null text is untrained.
-            text_len = int(text_len)
-            too_long = np.flatnonzero(np.asarray(mask)[:, text_len:].any(axis=1))
+            encodings, mask, cut_off = prior_lib.cut_text(encodings, mask, int(text_len))
+            too_long = np.flatnonzero(cut_off)
             if too_long.size:
                 index = "" if argument == "prompt" else f"[{too_long[0] // rows_per_caption}]"
                 raise ValueError(f"{argument}{index}: longer than {text_len} tokens, the longest text the prior "
                                  "was trained on (its config.data.text_len)")
-            encodings, mask = encodings[:, :text_len], mask[:, :text_len]
-        if not _prior_uses_text_encodings(config):
+        if not uses_text_encodings:
             # The prior was trained on z_t alone: one masked stand-in token (tasks/prior.py).
             batch = text_embed.shape[0]
             encodings = jnp.zeros((batch, 1, stage.module.text_encoding_dim), jnp.float32)

@@ -21,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dalle2_jax import diffusion
 
@@ -41,6 +42,14 @@ def to_prior_scale(embed: jax.Array, embed_scale: float) -> jax.Array:
 def from_prior_scale(embed: jax.Array) -> jax.Array:
     """Prior-scale embeddings back onto CLIP's unit sphere."""
     return to_prior_scale(embed, 1.0)
+
+
+def cut_text(text_encodings, text_mask, text_len: int):
+    """Token encodings (..., L, W) and mask (..., L) cut to their first `text_len` positions, and
+    whether each row (the leading axes) had a real token after them. Host (NumPy) arrays."""
+    text_encodings, text_mask = np.asarray(text_encodings), np.asarray(text_mask)
+    cut_off = text_mask[..., text_len:].any(axis=-1)
+    return text_encodings[..., :text_len, :], text_mask[..., :text_len], cut_off
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:

@@ -72,11 +72,11 @@ class _Fields:
         item = self.source[index]
         fields = {key: item[key] for key in self.keys}
         if self.text_len is not None and "text_mask" in fields:
-            if np.any(fields["text_mask"][self.text_len:]):
+            fields["text_encodings"], fields["text_mask"], cut_off = prior_lib.cut_text(
+                fields["text_encodings"], fields["text_mask"], self.text_len)
+            if cut_off:
                 raise ValueError(f"config.data.text_len: row {index} of {self.source.directory} has real tokens "
                                  f"after the first {self.text_len}; raise it or set it to None")
-            fields["text_encodings"] = fields["text_encodings"][:self.text_len]
-            fields["text_mask"] = fields["text_mask"][:self.text_len]
         return fields
 
 
