@@ -134,15 +134,25 @@ def load_params(path: str | os.PathLike, *, which: str = "ema_params", step: int
     if step is None or step not in steps:
         raise FileNotFoundError(f"path: no complete checkpoint {'' if step is None else step} "
                                 f"in {directory} (available: {steps})")
-    state_dir = (directory / str(step) / STATE_ITEM).absolute()  # Orbax misreads relative paths
+    state_dir = directory / str(step) / STATE_ITEM
+    keys = restore_host_tree(state_dir, keys_only=True)
+    if which not in keys:
+        raise ValueError(f"which: checkpoint {state_dir} has no {which!r} (has {sorted(keys)})")
+    return restore_host_tree(state_dir, key=which)
+
+
+def restore_host_tree(directory: str | os.PathLike, key: str | None = None, *, keys_only: bool = False) -> Any:
+    """The pytree saved in the Orbax PyTree directory `directory` (or its top-level entry `key`
+    alone) as host numpy arrays; `keys_only`: just the top-level keys, nothing read."""
+    directory = Path(directory).absolute()  # Orbax misreads relative paths
     # The handler, not a PyTreeCheckpointer: that looks for step metadata inside the item
     # directory and logs a warning on every load.
     handler = ocp.PyTreeCheckpointHandler()
-    metadata = handler.metadata(state_dir).tree
-    if which not in metadata:
-        raise ValueError(f"which: checkpoint {state_dir} has no {which!r} (has {sorted(metadata)})")
-    subtree = metadata[which]
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), subtree)
-    restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(
-        item={which: subtree}, restore_args={which: restore_args}, partial_restore=True))
-    return restored[which]
+    tree = handler.metadata(directory).tree
+    if keys_only:
+        return list(tree)
+    item = tree if key is None else {key: tree[key]}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    restored = handler.restore(directory, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=key is not None))
+    return restored if key is None else restored[key]

@@ -915,16 +915,12 @@ def _save_params(directory: Path, variables) -> None:
 
 
 def _load_params(directory: Path, stage_name: str):
-    import orbax.checkpoint as ocp
+    from dalle2_jax import checkpoint
 
     if not directory.is_dir():
         raise FileNotFoundError(f"path: stage {stage_name!r} has no {PARAMS_SUBDIR}/ directory at {directory}")
     try:
-        checkpointer = ocp.PyTreeCheckpointer()
-        tree = checkpointer.metadata(directory.absolute()).item_metadata.tree
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        return checkpointer.restore(directory.absolute(), args=ocp.args.PyTreeRestore(item=tree,
-                                                                                      restore_args=restore_args))
+        return checkpoint.restore_host_tree(directory)
     except Exception as error:  # Orbax raises many kinds; all mean an unreadable checkpoint
         raise ValueError(f"path: the parameters of stage {stage_name!r} in {directory} are corrupt "
                          f"({type(error).__name__}: {error})") from None
