@@ -96,6 +96,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         # noisy after short training); the other variants: eps, as the paper's.
         objective="v",
         vlb_weight=1e-3,
+        # tiny: 5 (demo, 240 steps at learning rate 1e-3: test PSNR 27.5 dB with it, 20.2 dB without
+        # at 5e-4); the other variants: 0 (none).
+        snr_gamma=5.0,
         sampler="ddim",
         sampling_steps=27,
         eta=0.0,
@@ -132,12 +135,12 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         config.batch_size = 256
         config.optimizer.update(learning_rate=1.2e-4, warmup_steps=5_000)
         config.ema.decay = 0.9999
-        diffusion.update(objective="eps")
+        diffusion.update(objective="eps", snr_gamma=0.0)
     elif variant == "paper_256":
         config.low_res_size = 64
         model.update(image_size=256, model_channels=320, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
                      num_groups=32, remat="block")
-        diffusion.update(sampling_steps=27, objective="eps")
+        diffusion.update(sampling_steps=27, objective="eps", snr_gamma=0.0)
         config.compute_dtype = "bfloat16"
         config.total_steps = 1_000_000
         config.batch_size = 1024
@@ -149,7 +152,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         config.degradation = "bsr"
         model.update(image_size=1024, model_channels=192, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
                      num_groups=32, remat="block")
-        diffusion.update(sampling_steps=15, objective="eps")
+        diffusion.update(sampling_steps=15, objective="eps", snr_gamma=0.0)
         config.compute_dtype = "bfloat16"
         config.total_steps = 1_000_000
         config.batch_size = 512

@@ -113,7 +113,9 @@ def test_output_shapes_and_dtypes(model, pairs, init_params, forward):
     assert out.image.encodings.shape == (BATCH, 1 + patches, model.vision_width)
     np.testing.assert_array_equal(out.text.mask, attention_mask)
     assert out.image.mask.shape == (BATCH, 1 + patches) and np.all(out.image.mask == 1)
-    assert float(out.logit_scale) == pytest.approx(math.log(1 / 0.07))
+    # The tiny config starts at the clamp (keeps the modality gap); the public shapes at CLIP's 1/0.07.
+    assert float(out.logit_scale) == pytest.approx(math.log(100.0))
+    assert get_config("B/32").model.logit_scale_init == pytest.approx(math.log(1 / 0.07))
     # A bfloat16 compute dtype keeps float32 params.
     bf16 = _tiny_model(dtype="bfloat16")
     shapes = jax.eval_shape(bf16.init, jax.random.key(0), input_ids, pixels)

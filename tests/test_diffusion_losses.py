@@ -180,11 +180,41 @@ def test_vlb_trains_only_the_variance(sched):
     assert np.abs(np.asarray(loss_var_grad)).max() > 1e-3
 
 
+def test_min_snr_weighting_is_the_clipped_snr_times_the_x0_error(sched):
+    """Min-SNR-gamma: whatever the objective, "loss" = min(SNR_t, gamma) * |x0 - x0_hat|^2 for the
+    output that implies the same x0_hat; "mse" stays the objective's unweighted error."""
+    x_start, x_t, t, noise = every_step_batch(sched, 0)
+    x0_hat = x_start + 0.1 * jnp.asarray(np.random.default_rng(2).standard_normal(x_t.shape), jnp.float32)
+    eps_hat = diffusion.predict_eps_from_x0(sched, x_t, t, x0_hat)
+    outputs = {"x0": x0_hat, "eps": eps_hat, "v": diffusion.v_from_x0_eps(sched, x0_hat, t, eps_hat)}
+    a = np.asarray(sched.alphas_cumprod, np.float64)
+    snr = a / (1 - a)
+    x0_error = np.mean((np.asarray(x0_hat, np.float64) - np.asarray(x_start, np.float64)) ** 2, axis=(1, 2, 3))
+    gamma = 5.0
+    for objective, output in outputs.items():
+        got = diffusion.training_losses(sched, output, x_start=x_start, x_t=x_t, t=t, noise=noise,
+                                        objective=objective, snr_gamma=gamma)
+        unweighted = diffusion.training_losses(sched, output, x_start=x_start, x_t=x_t, t=t, noise=noise,
+                                               objective=objective)
+        np.testing.assert_array_equal(got["mse"], unweighted["mse"])
+        assert np.all(np.isfinite(np.asarray(got["loss"])))
+        # The last steps' x_t carries almost no x0, where eps and v reconstructions lose precision.
+        keep = slice(0, 990) if objective != "x0" else slice(None)
+        np.testing.assert_allclose(got["loss"][keep], (np.minimum(snr, gamma) * x0_error)[keep], rtol=2e-3)
+    # gamma above every SNR: the x0 objective's weights are the SNR itself; below, a constant.
+    weights = diffusion.min_snr_weights(sched, t, "x0", 1e9)
+    np.testing.assert_allclose(weights, snr, rtol=1e-4)
+    np.testing.assert_allclose(diffusion.min_snr_weights(sched, t[:500], "v", 1e-3),
+                               1e-3 * (1 - a[:500]), rtol=1e-4)
+
+
 def test_bad_arguments_name_themselves(sched):
     x = jnp.zeros((2, 3))
     t = jnp.zeros(2, jnp.int32)
     with pytest.raises(ValueError, match="objective"):
         diffusion.training_losses(sched, x, x_start=x, x_t=x, t=t, noise=x, objective="score")
+    with pytest.raises(ValueError, match="snr_gamma"):
+        diffusion.training_losses(sched, x, x_start=x, x_t=x, t=t, noise=x, snr_gamma=-1.0)
     with pytest.raises(ValueError, match="data_likelihood"):
         diffusion.training_losses(sched, jnp.zeros((2, 6)), x_start=x, x_t=x, t=t, noise=x, learned_variance=True,
                                   data_likelihood="laplace")

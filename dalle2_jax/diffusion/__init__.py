@@ -5,6 +5,7 @@ from dalle2_jax.diffusion.losses import (
     gaussian_log_likelihood,
     mean_flat,
     normal_kl,
+    min_snr_weights,
     training_losses,
     vlb_terms,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "repaint_schedule",
     "respace",
     "space_timesteps",
+    "min_snr_weights",
     "training_losses",
     "v_from_x0_eps",
     "vlb_terms",

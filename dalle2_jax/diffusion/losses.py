@@ -100,6 +100,15 @@ def vlb_terms(
     return jnp.where(t == 0, decoder_nll, kl)
 
 
+def min_snr_weights(sched: DiffusionSchedule, t: jax.Array, objective: str, gamma: float) -> jax.Array:
+    """(B,) Min-SNR-gamma weights of the `objective`'s mse at timesteps t (see training_losses)."""
+    alpha_bar = sched.alphas_cumprod[t].astype(jnp.float32)
+    snr = alpha_bar / (1.0 - alpha_bar)
+    clipped = jnp.minimum(snr, gamma)
+    # eps as min(1, gamma / SNR): SNR underflows to 0 at the last step of a cosine schedule.
+    return {"eps": jnp.minimum(1.0, gamma / snr), "x0": clipped, "v": clipped / (snr + 1.0)}[objective]
+
+
 def training_losses(
     sched: DiffusionSchedule,
     model_output: jax.Array,
@@ -112,6 +121,7 @@ def training_losses(
     learned_variance: bool = False,
     vlb_weight: float = 1e-3,
     data_likelihood: str = "discretized",
+    snr_gamma: float = 0.0,
 ) -> dict[str, jax.Array]:
     """Per-example (B,) losses: "loss" (to average), "mse", and "vlb" (bits/dim) when learned_variance.
 
@@ -120,8 +130,13 @@ def training_losses(
     estimated by num_timesteps * L_t; the prediction is stop-gradiented inside L_t so that the
     vlb trains only the variance. With T = 1000 and vlb_weight = 1e-3 this is improved-diffusion's
     `mse + vb`. data_likelihood: "discretized" for images in [-1, 1], "gaussian" for vectors.
+    snr_gamma > 0: Min-SNR-gamma weighting of the mse in "loss" (Hang et al. 2023), the x0 error
+    weighted by min(SNR_t, gamma) whatever the objective: eps mse x min(SNR, gamma) / SNR,
+    v mse x min(SNR, gamma) / (SNR + 1); "mse" stays the unweighted value.
     """
     process.check_objective(objective)
+    if isinstance(snr_gamma, bool) or not isinstance(snr_gamma, (int, float)) or not snr_gamma >= 0:
+        raise ValueError(f"snr_gamma: expected a number >= 0 (0 = unweighted), got {snr_gamma!r}")
     if data_likelihood not in DATA_LIKELIHOODS:
         raise ValueError(f"data_likelihood: expected one of {DATA_LIKELIHOODS}, got {data_likelihood!r}")
     if x_start.shape != x_t.shape or noise.shape != x_t.shape:
@@ -140,13 +155,14 @@ def training_losses(
     else:
         target = process.v_from_x0_eps(sched, x_start, t, noise)
     mse = mean_flat(jnp.square(target - prediction))
+    weighted = mse * min_snr_weights(sched, t, objective, snr_gamma).astype(mse.dtype) if snr_gamma else mse
     if not learned_variance:
-        return {"loss": mse, "mse": mse}
+        return {"loss": weighted, "mse": mse}
 
     frozen_output = jnp.concatenate([jax.lax.stop_gradient(prediction), var_values], axis=-1)
     vlb = vlb_terms(
         sched, frozen_output, x_start=x_start, x_t=x_t, t=t, objective=objective,
         learned_variance=True, data_likelihood=data_likelihood,
     )
-    loss = mse + vlb_weight * sched.num_timesteps * vlb
+    loss = weighted + vlb_weight * sched.num_timesteps * vlb
     return {"loss": loss, "mse": mse, "vlb": vlb}

@@ -200,7 +200,8 @@ class UpsamplerTask:
         return diffusion.training_losses(
             self.schedule, output, x_start=x_start, x_t=x_t, t=t, noise=noise, objective=self.objective,
             learned_variance=self.unet.learned_variance,
-            vlb_weight=float(self.config.diffusion.get("vlb_weight", 1e-3)))
+            vlb_weight=float(self.config.diffusion.get("vlb_weight", 1e-3)),
+            snr_gamma=float(self.config.diffusion.get("snr_gamma", 0.0)))
 
     def loss(self, params, batch, rng, *, train: bool = True):
         losses = self.example_losses(params, batch, rng, train=train)
