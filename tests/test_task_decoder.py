@@ -113,6 +113,23 @@ def test_batches_carry_the_frozen_clip_conditioning(task, config, clip_dir):
     np.testing.assert_array_equal(next(iterator)["image_embed"], batch["image_embed"])
 
 
+def test_image_embeds_are_standardised_with_the_training_set_statistics(task, config, run):
+    """tiny: UNet.image_embed_mean/std are the frozen CLIP's statistics over the first training
+    examples (all 64 here), and the workdir's config.json carries them to the pipeline."""
+    items = decoder.first_examples(task.builder, "train", config.image_embed_stats_examples)
+    assert len(items) == 64
+    images = np.stack([clip_stage._square(item["image"], task.load_size) for item in items])
+    embeds = task.encode(images, [clip_stage._text(item["caption"]) for item in items])["image_embed"]
+    np.testing.assert_allclose(config.model.image_embed_mean, embeds.mean(0), atol=1e-6)
+    np.testing.assert_allclose(config.model.image_embed_std, np.sqrt(embeds.var(0).mean()), rtol=1e-4)
+    assert 0.0 < config.model.image_embed_std < 0.5  # unit-norm embeddings: well below 1 per component
+    assert task.unet.image_embed_std == config.model.image_embed_std
+    with open(os.path.join(run[0], loop.CONFIG_FILE)) as f:
+        written = json.load(f)["model"]
+    np.testing.assert_allclose(written["image_embed_mean"], config.model.image_embed_mean, rtol=1e-6)
+    assert written["image_embed_std"] == pytest.approx(config.model.image_embed_std)
+
+
 def test_training_run_on_8_devices_logs_samples_and_judge(run, task):
     workdir, state = run
     records = metrics.read_metrics(workdir)
@@ -285,6 +302,8 @@ def test_bad_configuration_raises(data_dir, clip_dir, tmp_path):
         make({"model.use_low_res": True})
     with pytest.raises(ValueError, match="config.data.image_size"):
         make({"data.image_size": 4})
+    with pytest.raises(ValueError, match="config.image_embed_stats_examples"):
+        make({"image_embed_stats_examples": -1})
     config = config_util.load_config("configs/decoder.py:tiny", decoder_overrides(data_dir, clip_dir))
     del config["data"]
     with pytest.raises(ValueError, match="config.data"):

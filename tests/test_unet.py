@@ -203,6 +203,22 @@ def test_dropping_conditioning_changes_output_and_selects_null_values(decoder):
                                   apply(params, x, t, **dict(cond, drop_image=jnp.ones((B,), bool))))
 
 
+def test_standardised_image_embed_is_the_plain_model_on_standardised_inputs(decoder):
+    """image_embed_mean/std: the same parameters on (e - mean) / std, the null in standardised units."""
+    _, params, apply, x, t, cond = decoder
+    mean = jnp.linspace(-0.5, 0.5, EMBED)
+    std = 0.07
+    model = UNet(**dict(DECODER, image_embed_mean=tuple(float(m) for m in mean), image_embed_std=std))
+    standardised = dict(cond, image_embed=(cond["image_embed"] - mean) / std)
+    np.testing.assert_allclose(model.apply(params, x, t, **cond), apply(params, x, t, **standardised),
+                               rtol=1e-5, atol=1e-5)
+    drop = jnp.array([True, False, True, False])
+    np.testing.assert_allclose(model.apply(params, x, t, **dict(cond, drop_image=drop)),
+                               apply(params, x, t, **dict(standardised, drop_image=drop)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="image_embed_mean"):
+        UNet(**dict(DECODER, image_embed_mean=(0.0, 1.0), image_embed_std=std)).apply(params, x, t, **cond)
+
+
 def test_padded_text_tokens_are_masked(decoder):
     _, params, apply, x, t, cond = decoder
     base = apply(params, x, t, **cond)

@@ -75,47 +75,8 @@ def _conv_same(x: Array, kernel: Array) -> Array:
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_CONV_DIMS)
 
 
-def _conv_kernel_grad(x: Array, grad_out: Array, kernel_shape: tuple[int, ...]) -> Array:
-    """d(conv)/d(kernel) as ONE matmul: (kh*kw*C, B*H*W) shifted taps of x @ (B*H*W, O).
-
-    XLA's CPU backend lowers this weight gradient as a convolution whose window is
-    the whole image, several times slower than the same FLOPs as a matmul.
-    """
-    kh, kw, channels, features = kernel_shape
-    b, h, w, _ = x.shape
-    x_t = jnp.transpose(x, (3, 0, 1, 2))  # (C, B, H, W): taps come out in matmul layout
-    if kh > 1 or kw > 1:
-        x_t = jnp.pad(x_t, ((0, 0), (0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)))
-        taps = jnp.stack([x_t[:, :, i:i + h, j:j + w] for i in range(kh) for j in range(kw)])
-    else:
-        taps = x_t
-    grad = jnp.dot(taps.reshape(kh * kw * channels, b * h * w), grad_out.reshape(b * h * w, features),
-                   preferred_element_type=jnp.float32)
-    return grad.reshape(kernel_shape)
-
-
-@jax.custom_vjp
-def conv2d_same(x: Array, kernel: Array) -> Array:
-    """Stride-1 'SAME' NHWC convolution with an odd HWIO kernel; matmul weight gradient."""
-    return _conv_same(x, kernel)
-
-
-def _conv2d_same_fwd(x, kernel):
-    return _conv_same(x, kernel), (x, kernel)
-
-
-def _conv2d_same_bwd(residuals, grad_out):
-    x, kernel = residuals
-    _, input_vjp = jax.vjp(lambda x: _conv_same(x, kernel), x)
-    (grad_x,) = input_vjp(grad_out)
-    return grad_x, _conv_kernel_grad(x, grad_out, kernel.shape).astype(kernel.dtype)
-
-
-conv2d_same.defvjp(_conv2d_same_fwd, _conv2d_same_bwd)
-
-
 class Conv(nn.Module):
-    """nn.Conv (stride 1, SAME, odd kernel) with the same parameters, using `conv2d_same`."""
+    """nn.Conv (stride 1, SAME, odd kernel) with the same parameters."""
 
     features: int
     kernel_size: tuple[int, int] = (3, 3)
@@ -128,7 +89,7 @@ class Conv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-        return conv2d_same(x, kernel) + bias
+        return _conv_same(x, kernel) + bias
 
 
 class TimeEmbedding(nn.Module):
@@ -304,6 +265,11 @@ class UNet(nn.Module):
     use_text_encodings: bool = False
     use_text_embed: bool = False  # Karlo: pooled text embedding added to the time embedding
     context_dim: int = 512
+    # > 0: the image embedding enters as (image_embed - image_embed_mean) / image_embed_std, the
+    # training set's statistics: unit-norm CLIP embeddings share a large common direction and
+    # vary by ~0.07 per dimension, which the conditioning layers would otherwise learn slowly
+    image_embed_mean: Sequence[float] = ()
+    image_embed_std: float = 0.0
     # upsampler conditioning
     use_low_res: bool = False
     low_res_resize: str = "bicubic"
@@ -457,9 +423,16 @@ class UNet(nn.Module):
             if image_embed is None or image_embed.ndim != 2 or image_embed.shape[0] != batch:
                 shape = None if image_embed is None else image_embed.shape
                 raise ValueError(f"image_embed: expected shape ({batch}, D) when use_image_embed=True, got {shape}")
+            image_embed = image_embed.astype(jnp.float32)
+            if self.image_embed_std:
+                mean = jnp.asarray(self.image_embed_mean, jnp.float32)
+                if mean.shape != image_embed.shape[-1:]:
+                    raise ValueError(f"image_embed_mean: expected {image_embed.shape[-1]} values (the embedding "
+                                     f"width), got {mean.shape[0] if mean.ndim == 1 else mean.shape}")
+                image_embed = (image_embed - mean) / self.image_embed_std
             null = self.param("null_image_embed", nn.initializers.zeros, (image_embed.shape[-1],))
             drop = _drop_flags(drop_image, batch, "drop_image")
-            image_embed = jnp.where(drop[:, None], null[None], image_embed.astype(jnp.float32))
+            image_embed = jnp.where(drop[:, None], null[None], image_embed)
             emb = emb + dense(emb.shape[-1], "image_embed_to_time")(image_embed)
             if self.num_context_tokens:
                 extra = dense(self.num_context_tokens * self.context_dim, "image_embed_to_tokens")(image_embed)

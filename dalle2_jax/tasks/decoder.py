@@ -235,6 +235,8 @@ class DecoderTask:
         check_data_config(config, workdir)
         self.config = config
         self.workdir = None if workdir is None else os.fspath(workdir)
+        self._builder = None
+        self._eval_conditions = None
         clip_dir = config.get("clip_dir") or (None if workdir is None else default_stage_dir(workdir, "clip"))
         if not clip_dir:
             raise ValueError("config.clip_dir: required when no workdir is given (the default is <workdir>/../clip)")
@@ -262,6 +264,14 @@ class DecoderTask:
             raise ValueError(f"config.data.image_size: expected at least the decoder's {self.image_size}, "
                              f"got {self.load_size}")
 
+        stats_examples = int(config.get("image_embed_stats_examples", 0))
+        if stats_examples < 0:
+            raise ValueError(f"config.image_embed_stats_examples: expected >= 0, got {stats_examples}")
+        if stats_examples and self.unet.use_image_embed and not config.model.get("image_embed_std", 0.0):
+            mean, std = self.image_embed_stats(stats_examples)
+            config.model.image_embed_mean, config.model.image_embed_std = tuple(float(m) for m in mean), std
+            self.unet = UNet(**config.model)
+
         diffusion_config = config.diffusion
         self.schedule = diffusion.make_schedule(diffusion_config.schedule, int(diffusion_config.num_timesteps))
         self.objective = diffusion_config.get("objective", "eps")
@@ -269,8 +279,6 @@ class DecoderTask:
                                                  "config.diffusion.drop_image_prob")
         self.drop_text_prob = check_probability(diffusion_config.get("drop_text_prob", 0.5),
                                                 "config.diffusion.drop_text_prob")
-        self._builder = None
-        self._eval_conditions = None
 
     @property
     def data_dir(self) -> str:
@@ -284,6 +292,22 @@ class DecoderTask:
             self._builder = clip_stage.build_dataset(data_config, self.data_dir)
             clip_stage._check_split(self._builder, "train", "config.data")
         return self._builder
+
+    def image_embed_stats(self, count: int) -> tuple[np.ndarray, float]:
+        """Mean (D,) and overall standard deviation of the CLIP image embeddings of the first
+        `count` training examples, for `UNet.image_embed_mean` / `image_embed_std`."""
+        means, squares, seen = [], [], 0
+        items = first_examples(self.builder, "train", count)
+        for start in range(0, len(items), _CHUNK):
+            chunk = items[start:start + _CHUNK]
+            images = np.stack([clip_stage._square(item["image"], self.load_size) for item in chunk])
+            embeds = self.encode(images, [clip_stage._text(item["caption"]) for item in chunk])["image_embed"]
+            means.append(embeds.astype(np.float64).sum(0))
+            squares.append((embeds.astype(np.float64) ** 2).sum(0))
+            seen += len(chunk)
+        mean = np.sum(means, axis=0) / seen
+        variance = np.sum(squares, axis=0) / seen - mean**2
+        return mean.astype(np.float32), float(np.sqrt(max(variance.mean(), 1e-12)))
 
     # -- loss ---------------------------------------------------------------------------------
 
