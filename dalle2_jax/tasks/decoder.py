@@ -296,18 +296,14 @@ class DecoderTask:
     def image_embed_stats(self, count: int) -> tuple[np.ndarray, float]:
         """Mean (D,) and overall standard deviation of the CLIP image embeddings of the first
         `count` training examples, for `UNet.image_embed_mean` / `image_embed_std`."""
-        means, squares, seen = [], [], 0
         items = first_examples(self.builder, "train", count)
+        embeds = []
         for start in range(0, len(items), _CHUNK):
             chunk = items[start:start + _CHUNK]
             images = np.stack([clip_stage._square(item["image"], self.load_size) for item in chunk])
-            embeds = self.encode(images, [clip_stage._text(item["caption"]) for item in chunk])["image_embed"]
-            means.append(embeds.astype(np.float64).sum(0))
-            squares.append((embeds.astype(np.float64) ** 2).sum(0))
-            seen += len(chunk)
-        mean = np.sum(means, axis=0) / seen
-        variance = np.sum(squares, axis=0) / seen - mean**2
-        return mean.astype(np.float32), float(np.sqrt(max(variance.mean(), 1e-12)))
+            embeds.append(self.encode(images, [clip_stage._text(item["caption"]) for item in chunk])["image_embed"])
+        embeds = np.concatenate(embeds).astype(np.float64)
+        return embeds.mean(0).astype(np.float32), float(np.sqrt(max(embeds.var(0).mean(), 1e-12)))
 
     # -- loss ---------------------------------------------------------------------------------
 
