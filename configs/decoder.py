@@ -29,7 +29,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     config.compute_dtype = "float32"
 
     # CPU demo: 32px, 3.4M parameters; one block per level and attention at 8px only, so that
-    # the demo's 480 steps at batch 16 fit in 6 minutes on 2 CPU cores (~0.7 s a step).
+    # the demo's 600 steps at batch 16 fit in 7 minutes on 2 CPU cores (~0.7 s a step).
     model = dict(
         image_size=32,
         out_channels=3,

@@ -37,18 +37,22 @@ ROWS = 6  # images per sampling call (frames, variations, inpaintings; captions 
 PRIOR_TEXT_LEN = 16  # token positions the prior trains on: the longest shapes caption has 14 of CLIP's 32
 
 # Per stage: (steps, batch size) of the full and the quick run; the rest is the tiny config's.
+# The full run spends its 20 minutes where they buy the most: the decoder's colours go from
+# 88.9% right at 480 steps to ~95% at 600, while the prior reaches the same test cosine at 600
+# steps as at 800 (0.980; unseen pairs 0.963 vs 0.964) and the upsampler's PSNR barely moves.
 TRAINING = {
-    "full": {"clip": (600, 64), "prior": (800, 64), "decoder": (480, 16), "upsampler": (240, 16)},
+    "full": {"clip": (600, 64), "prior": (600, 64), "decoder": (600, 16), "upsampler": (160, 16)},
     "quick": {"clip": (6, 16), "prior": (6, 16), "decoder": (4, 8), "upsampler": (4, 8)},
 }
 # Training and sampling settings of the full run on top of the tiny configs: short runs take a
 # larger learning rate; this small prior's samples are closest to the true embeddings unguided
-# (test cosine 0.976 at guidance 1, 0.969 at 2, 0.948 at 4); the samples use 25 decoder and 15 upsampler steps.
+# (test cosine 0.976 at guidance 1, 0.969 at 2, 0.948 at 4); the samples use 25 decoder and 8 upsampler steps
+# (the 240-step upsampler's test PSNR: 28.8 dB at 8 steps, 28.2 at 15: fewer steps add less noise).
 FULL_SETTINGS = {
     "clip": {},
     "prior": {"optimizer.learning_rate": 2e-4, "diffusion.guidance_scale": 1.0},
     "decoder": {"optimizer.learning_rate": 1e-3, "diffusion.sampling_steps": 25},
-    "upsampler": {"optimizer.learning_rate": 1e-3, "diffusion.sampling_steps": 15},
+    "upsampler": {"optimizer.learning_rate": 1e-3, "diffusion.sampling_steps": 8, "eval.sampling_steps": 8},
 }
 # Sampling steps of the quick run's samples (the full run's come from its stage configs).
 QUICK_SAMPLING = dict(prior_steps=4, decoder_steps=4, upsampler_steps=3)
