@@ -12,6 +12,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Keep each pytest-xdist worker to one intra-op thread pool of modest size.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import dalle2_jax  # noqa: E402,F401  (adds the project's XLA:CPU flags before the backend starts)
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

@@ -71,7 +71,8 @@ def test_vlb_vanishes_for_the_true_posterior(sched, objective):
     x_start, x_t, t, noise = every_step_batch(sched, 2)
     target = {"eps": noise, "x0": x_start, "v": diffusion.v_from_x0_eps(sched, x_start, t, noise)}[objective]
     got = losses(sched, with_variance(target, -1.0), x_start, x_t, t, noise, objective=objective)
-    assert np.all(np.asarray(got["mse"]) == 0.0)
+    # float32 rounding only: the target is recomputed inside the jitted loss, fused differently
+    assert np.asarray(got["mse"]).max() < 1e-12, np.asarray(got["mse"]).max()
     vlb = np.asarray(got["vlb"])
     assert np.abs(vlb[1:]).max() < 1e-4, np.abs(vlb[1:]).max()
     assert vlb[0] > 0.1  # t = 0 is the decoder NLL of a Gaussian as wide as a pixel bin, not a KL

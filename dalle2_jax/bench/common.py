@@ -89,7 +89,8 @@ def matmul_gflops_per_s(n: int = 2048, *, dtype=jnp.float32, warmup: int = 2, re
 def device_info() -> dict[str, Any]:
     device = jax.devices()[0]
     return {"platform": device.platform, "device_kind": device.device_kind,
-            "device_count": jax.device_count(), "jax": jax.__version__}
+            "device_count": jax.device_count(), "jax": jax.__version__,
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def emit(result: dict[str, Any], stream=None) -> None:
