@@ -30,6 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dalle2_jax.models.attention import IMPLEMENTATIONS, dot_product_attention
+
 Array = jax.Array
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -166,21 +168,6 @@ class Upsample(nn.Module):
         return Conv(x.shape[-1], (3, 3), self.dtype, name="conv")(x)
 
 
-def multi_head_attention(q: Array, k: Array, v: Array, mask: Optional[Array] = None) -> Array:
-    """softmax(q k^T / sqrt(d)) v; q (B, N, H, D), k/v (B, M, H, D), mask (B, M), True = attend.
-
-    Logits and softmax in float32. Written out rather than jax.nn.dot_product_attention,
-    whose CPU lowering is ~3x slower here (forward + backward, 1024 queries).
-    """
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bnhd,bmhd->bhnm", q * jnp.asarray(scale, q.dtype), k,
-                        preferred_element_type=jnp.float32)
-    if mask is not None:
-        logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhnm,bmhd->bnhd", weights, v)
-
-
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over the image tokens with extra context keys/values.
 
@@ -193,6 +180,7 @@ class AttentionBlock(nn.Module):
     num_groups: int = 32
     norm_eps: float = 1e-5
     dtype: Any = jnp.float32
+    implementation: str = "auto"  # models.attention: "dense", "blocked", "auto" (blocked on CPU)
 
     @nn.compact
     def __call__(self, x: Array, context: Optional[Array] = None,
@@ -216,7 +204,7 @@ class AttentionBlock(nn.Module):
                 image_mask = jnp.ones((b, height * width), bool)
                 mask = jnp.concatenate([context_mask.astype(bool), image_mask], axis=1)
         split = lambda a: a.reshape(b, a.shape[1], heads, head_width)
-        out = multi_head_attention(split(q), split(k), split(v), mask)
+        out = dot_product_attention(split(q), split(k), split(v), mask, implementation=self.implementation)
         out = dense("to_out", kernel_init=nn.initializers.zeros)(out.reshape(b, height * width, channels))
         return x + out.reshape(b, height, width, channels)
 
@@ -276,6 +264,9 @@ class UNet(nn.Module):
     use_noise_level: bool = False
     dtype: Any = "float32"  # compute dtype; parameters stay float32
     remat: str = "none"  # "none" | "block"
+    # models.attention: "blocked" recomputes each group of heads' softmax in the backward pass
+    # instead of storing the logits (2.2x faster at 32px on CPU); "auto": blocked on CPU, else dense
+    attention_impl: str = "auto"
 
     @property
     def level_channels(self) -> tuple[int, ...]:
@@ -306,6 +297,8 @@ class UNet(nn.Module):
             if c % self.num_groups:
                 raise ValueError(f"num_groups: every level's channel count must be divisible by "
                                  f"num_groups={self.num_groups}, got channels {chans}")
+        if self.attention_impl not in IMPLEMENTATIONS:
+            raise ValueError(f"attention_impl: expected one of {IMPLEMENTATIONS}, got {self.attention_impl!r}")
         if self.remat not in ("none", "block"):
             raise ValueError(f"remat: expected 'none' or 'block', got {self.remat!r}")
         if self.use_low_res and self.low_res_resize not in _RESIZE_METHODS:
@@ -363,7 +356,7 @@ class UNet(nn.Module):
             ch, self.num_groups, self.norm_eps, self.scale_shift_norm, self.dropout, resample,
             not train, dtype, name=name)
         attn = lambda name: attn_block(self.head_dim, self.num_heads, self.num_groups, self.norm_eps,
-                                       dtype, name=name)
+                                       dtype, self.attention_impl, name=name)
 
         h = Conv(chans[0], (3, 3), dtype, name="conv_in")(h.astype(dtype))
         skips = [h]
