@@ -4,6 +4,9 @@ Modes: unet-train, unet-sample (dalle2_jax.bench.unet), prior-train,
 prior-sample (dalle2_jax.bench.prior). Timings are medians after warm-up
 calls; FLOPs come from XLA's cost analysis of the compiled step; the 2048 x
 2048 float32 matmul measured in the same run is the machine's ceiling.
+`--reference` times diffusers' UNet of the same layout in the same run
+(dalle2_jax.bench.reference), so the ratios compare like with like on
+whatever machine runs it.
 """
 from __future__ import annotations
 
@@ -29,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls (the median is reported)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reference", action="store_true",
+                        help="unet-train/unet-sample: also time diffusers' UNet2DConditionModel of the same layout "
+                             "in this run and report the ratios (needs torch and diffusers)")
     return parser
 
 
