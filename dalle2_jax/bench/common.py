@@ -61,9 +61,9 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
-def flops_of(compiled: Any) -> float:
-    """FLOPs of one execution from XLA's cost analysis (0.0 when the backend gives none)."""
-    analysis = compiled.cost_analysis()
+def flops_of(stage: Any) -> float:
+    """FLOPs of one execution from XLA's cost analysis of a compiled or lowered computation (0.0 when none)."""
+    analysis = stage.cost_analysis()
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0] if analysis else {}
     return float((analysis or {}).get("flops", 0.0))

@@ -1,0 +1,44 @@
+"""`python -m dalle2_jax.bench`: argument parsing, a tiny run of each UNet mode, the reference's error."""
+import sys
+
+import pytest
+
+from dalle2_jax import bench
+from dalle2_jax.bench import reference
+
+TINY = ["--config", "configs/unet.py:decoder_tiny", "--config.model.channel_mult=(1,)",
+        "--config.model.attention_resolutions=(32,)", "--config.model.model_channels=8", "--config.model.head_dim=8", "--warmup", "0",
+        "--repeats", "1", "--batch", "2"]
+
+
+def test_parse_args_collects_overrides_and_reference():
+    args = bench.parse_args(["unet-train", "--reference", "--config.model.remat=block"])
+    assert args.reference and args.overrides == ["--config.model.remat=block"]
+    assert args.config == "configs/unet.py:bench"
+    assert not bench.parse_args(["prior-train"]).reference
+    with pytest.raises(SystemExit):
+        bench.parse_args(["unet-train", "--bogus"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["unet-train", "--repeats", "0"])
+
+
+def test_reference_without_diffusers_names_the_option(monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import fails as if it were not installed
+    with pytest.raises(ValueError, match="--reference: needs torch and diffusers"):
+        reference._import_torch_diffusers()
+
+
+def test_unet_train_reports_step_time_flops_and_ratios():
+    result = bench.run(["unet-train", *TINY])
+    assert result["mode"] == "unet-train" and result["batch"] == 2
+    assert result["step_s"] > 0 and result["flops_per_step"] > 0 and result["compile_s"] > 0
+    assert result["gflops_per_s"] == pytest.approx(result["flops_per_step"] / result["step_s"] / 1e9, rel=1e-2)
+    assert result["speedup_vs_recorded_diffusers"] == pytest.approx(8.05 / result["step_s"], rel=1e-2)
+    assert "speedup_vs_diffusers" not in result  # only with --reference, from a measurement
+
+
+def test_unet_sample_reports_guided_and_unguided_loops():
+    result = bench.run(["unet-sample", *TINY, "--steps", "3", "--guidance", "2.0"])
+    assert result["finite"] and result["steps"] == 3 and result["forward_batch"] == 4
+    assert result["sample_s"] > 0 and result["unguided_sample_s"] > 0
+    assert result["guided_over_unguided"] == pytest.approx(result["sample_s"] / result["unguided_sample_s"], rel=1e-2)
