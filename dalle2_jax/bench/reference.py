@@ -11,8 +11,7 @@ measured reference and the ratios to their JSON; without it they report none.
 """
 from __future__ import annotations
 
-import time
-from typing import Any, Callable
+from typing import Any
 
 from dalle2_jax.bench import common
 
@@ -79,17 +78,6 @@ def diffusers_unet(config, torch, diffusers):
     return Decoder(), make_inputs
 
 
-def _timed(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def _setup(config, batch: int, seed: int):
     torch, diffusers = _import_torch_diffusers()
     torch.set_num_threads(common.cpu_cores())
@@ -113,7 +101,7 @@ def diffusers_train_step(config, batch: int, *, warmup: int = 1, repeats: int = 
         loss.backward()
         optimizer.step()
 
-    times = _timed(step, warmup, repeats)
+    times = common.time_calls(step, warmup=warmup, repeats=repeats)
     return {"reference": f"diffusers {diffusers.__version__} UNet2DConditionModel, torch {torch.__version__}",
             "reference_step_s": round(common.median(times), 4),
             "reference_step_times_s": [round(s, 4) for s in times]}
@@ -128,7 +116,7 @@ def diffusers_forward(config, batch: int, *, warmup: int = 1, repeats: int = 3, 
         with torch.inference_mode():
             module(**inputs)
 
-    times = _timed(forward, warmup, repeats)
+    times = common.time_calls(forward, warmup=warmup, repeats=repeats)
     return {"reference": f"diffusers {diffusers.__version__} UNet2DConditionModel, torch {torch.__version__}",
             "reference_forward_batch": batch, "reference_forward_s": round(common.median(times), 4),
             "reference_forward_times_s": [round(s, 4) for s in times]}
