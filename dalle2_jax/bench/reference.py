@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from dalle2_jax.bench import common
+from dalle2_jax.models.unet import UNet
 
 
 def _import_torch_diffusers():
@@ -31,9 +32,8 @@ def diffusers_unet(config, torch, diffusers):
     model, shapes = config.model, config.conditioning
     if not model.use_image_embed or model.use_low_res:
         raise ValueError("config: the diffusers reference covers decoder layouts (use_image_embed, no low_res)")
-    channels = tuple(int(c) for c in (model.channels or [model.model_channels * m for m in model.channel_mult]))
-    size = int(model.image_size)
-    attention = [size // 2**i in set(model.attention_resolutions) for i in range(len(channels))]
+    ours = UNet(**model)  # its level properties: the same channels and attention levels on both sides
+    channels, attention, size = ours.level_channels, ours.level_attention, int(model.image_size)
     down = ["SimpleCrossAttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in attention]
     up = ["SimpleCrossAttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(attention)]
     time_dim = model.time_embed_dim or 4 * channels[0]
@@ -78,6 +78,10 @@ def diffusers_unet(config, torch, diffusers):
     return Decoder(), make_inputs
 
 
+def _label(torch, diffusers) -> str:
+    return f"diffusers {diffusers.__version__} UNet2DConditionModel, torch {torch.__version__}"
+
+
 def _setup(config, batch: int, seed: int):
     torch, diffusers = _import_torch_diffusers()
     torch.set_num_threads(common.cpu_cores())
@@ -102,7 +106,7 @@ def diffusers_train_step(config, batch: int, *, warmup: int = 1, repeats: int = 
         optimizer.step()
 
     times = common.time_calls(step, warmup=warmup, repeats=repeats)
-    return {"reference": f"diffusers {diffusers.__version__} UNet2DConditionModel, torch {torch.__version__}",
+    return {"reference": _label(torch, diffusers),
             "reference_step_s": round(common.median(times), 4),
             "reference_step_times_s": [round(s, 4) for s in times]}
 
@@ -117,6 +121,6 @@ def diffusers_forward(config, batch: int, *, warmup: int = 1, repeats: int = 3, 
             module(**inputs)
 
     times = common.time_calls(forward, warmup=warmup, repeats=repeats)
-    return {"reference": f"diffusers {diffusers.__version__} UNet2DConditionModel, torch {torch.__version__}",
+    return {"reference": _label(torch, diffusers),
             "reference_forward_batch": batch, "reference_forward_s": round(common.median(times), 4),
             "reference_forward_times_s": [round(s, 4) for s in times]}
