@@ -1,4 +1,4 @@
-"""Multi-head dot-product attention shared by the models: dense or blocked (memory-efficient).
+"""The UNet's multi-head dot-product attention: dense or blocked (memory-efficient).
 
 `dot_product_attention(q, k, v, mask)` computes softmax(q k^T / sqrt(d)) v with
 logits and softmax in float32. Two implementations give the same numbers:
