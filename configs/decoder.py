@@ -4,7 +4,8 @@
 gives the CLIP shapes the decoder is built for (image embedding width, text
 length and width); `dalle2_jax.tasks.decoder` overwrites them with those of the
 frozen CLIP at `config.clip_dir` ("" = <workdir>/../clip), which encodes the
-training images and captions on the fly. `config.data` is the image-caption
+training images and captions on the fly, or they are read from the embedding
+dataset at `config.embeddings_dir`. `config.data` is the image-caption
 set (as in configs/clip.py; `image_size` 0 = the CLIP run's load size) and
 `config.eval` the periodic sample grid of the 18 "a {colour} {shape}" test
 images' embeddings, judged by `dalle2_jax.data.shapes.classify_shape_image`.
@@ -66,6 +67,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     )
     conditioning = dict(image_embed_dim=64, text_len=32, text_width=128)
     config.clip_dir = ""  # CLIP training workdir or transformers CLIP directory; "" = <workdir>/../clip
+    # "" = the frozen CLIP encodes every batch; else the `dalle2-jax embed` output of this train
+    # split (row i = example i, checked on its captions; needs augment="center_crop", no flips):
+    # the embeddings and token encodings are read, and CLIP only encodes the eval conditions.
+    config.embeddings_dir = ""
 
     data = dict(
         name="shapes",  # or "folder" / "webdataset" at `source`

@@ -259,6 +259,8 @@ def run_demo(workdir: str | os.PathLike = "runs/demo", quick: bool = False, seed
             console.log(f"{root / name} already holds step {steps}: not training again")
             return
         extra = _prior_sizes(root / "clip") if name == "prior" else None
+        if name == "decoder":  # the embed stage's rows: CLIP stays off the decoder's training steps
+            extra = {"embeddings_dir": str(root / "embeddings" / "train")}
         state = run_train(name, f"configs/{name}.py:tiny", str(root / name),
                           stage_overrides(name, mode, int(seed), extra))
         if int(state.step) < steps:  # stopped by SIGTERM after saving: the later stages need this one whole

@@ -18,7 +18,7 @@ import optax
 import pytest
 
 from dalle2_jax import checkpoint, config_util, diffusion, sharding
-from dalle2_jax.data import pipeline, shapes
+from dalle2_jax.data import embeddings, pipeline, shapes
 from dalle2_jax.models.clip import CLIP
 from dalle2_jax.tasks import clip as clip_stage
 from dalle2_jax.tasks import decoder
@@ -111,6 +111,75 @@ def test_batches_carry_the_frozen_clip_conditioning(task, config, clip_dir):
     np.testing.assert_array_equal(batch["text_mask"], raw["attention_mask"].astype(bool))
     iterator.set_state(position)  # checkpointable: the same batch again
     np.testing.assert_array_equal(next(iterator)["image_embed"], batch["image_embed"])
+
+
+@pytest.fixture(scope="module")
+def embeddings_dir(tmp_path_factory, data_dir, clip_dir):
+    """`dalle2-jax embed` of the train split with the frozen CLIP."""
+    return clip_stage.run_embed(clip_dir=clip_dir, data="shapes", data_dir=data_dir, split="train",
+                                out_dir=str(tmp_path_factory.mktemp("runs") / "embeddings" / "train"),
+                                batch_size=24, progress=False)
+
+
+def test_stored_embeddings_give_the_batches_and_statistics_of_the_frozen_clip(task, data_dir, clip_dir,
+                                                                               embeddings_dir):
+    """config.embeddings_dir: the same batches (the same block means, up to float rounding; the
+    conditioning as the embed stage stored it) in the same order as encoding on the fly, and the
+    same standardisation."""
+    stored_task = decoder.make_task(config_util.load_config(
+        "configs/decoder.py:tiny", decoder_overrides(data_dir, clip_dir, {"embeddings_dir": embeddings_dir})))
+    assert stored_task.config.model.image_embed_mean == pytest.approx(task.config.model.image_embed_mean, abs=1e-5)
+    assert stored_task.config.model.image_embed_std == pytest.approx(task.config.model.image_embed_std, rel=1e-4)
+    on_the_fly = task.train_iterator(seed=5, process_index=0, process_count=1, per_process_batch=BATCH)
+    iterator = stored_task.train_iterator(seed=5, process_index=0, process_count=1, per_process_batch=BATCH)
+    for _ in range(2):
+        position = iterator.get_state()
+        want, batch = next(on_the_fly), next(iterator)
+        assert sorted(batch) == sorted(want)
+        assert {key: value.dtype for key, value in batch.items()} == {key: value.dtype for key, value in want.items()}
+        np.testing.assert_allclose(batch["image"], want["image"], atol=1e-6)
+        np.testing.assert_allclose(batch["image_embed"], want["image_embed"], atol=1e-5)
+        # token encodings are stored as float16
+        np.testing.assert_allclose(batch["text_encodings"], want["text_encodings"], rtol=2e-3, atol=2e-3)
+        np.testing.assert_array_equal(batch["text_mask"], want["text_mask"])
+        iterator.set_state(position)
+        np.testing.assert_array_equal(next(iterator)["image_embed"], batch["image_embed"])
+    loss, _ = jax.jit(stored_task.loss)(task_params(stored_task, batch), batch, jax.random.key(0))
+    assert np.isfinite(float(loss))
+
+
+def task_params(task, batch):
+    return jax.jit(task.init_params)(jax.random.key(0), batch)
+
+
+def test_stored_embeddings_of_other_rows_are_refused(data_dir, clip_dir, embeddings_dir, tmp_path):
+    def make(extra):
+        config = config_util.load_config("configs/decoder.py:tiny", decoder_overrides(data_dir, clip_dir, extra))
+        return decoder.make_task(config)
+
+    stored = embeddings.EmbeddingSource(embeddings_dir)
+    rows = [stored[i] for i in range(len(stored))]
+    arrays = {key: np.stack([row[key] for row in rows]) for key in ("image_embed", "text_embed", "text_encodings",
+                                                                   "text_mask")}
+    captions = [row["caption"] for row in rows]
+    reversed_dir = embeddings.write_embedding_dataset(
+        str(tmp_path / "reversed"), *(arrays[key][::-1] for key in ("image_embed", "text_embed")),
+        text_encodings=arrays["text_encodings"][::-1], text_mask=arrays["text_mask"][::-1], captions=captions[::-1])
+    with pytest.raises(ValueError, match=r"config.embeddings_dir: row 0 is the caption"):
+        make({"embeddings_dir": reversed_dir})
+    shorter_dir = embeddings.write_embedding_dataset(
+        str(tmp_path / "shorter"), arrays["image_embed"][:-1], arrays["text_embed"][:-1],
+        text_encodings=arrays["text_encodings"][:-1], text_mask=arrays["text_mask"][:-1], captions=captions[:-1])
+    with pytest.raises(ValueError, match=r"config.embeddings_dir: holds 63 rows, the train split 64"):
+        make({"embeddings_dir": shorter_dir})
+    no_text_dir = embeddings.write_embedding_dataset(str(tmp_path / "no-text"), arrays["image_embed"],
+                                                     arrays["text_embed"], captions=captions)
+    with pytest.raises(ValueError, match=r"config.embeddings_dir: has no text_enc/text_mask"):
+        make({"embeddings_dir": no_text_dir})
+    with pytest.raises(FileNotFoundError, match="config.embeddings_dir"):
+        make({"embeddings_dir": str(tmp_path / "missing")})
+    with pytest.raises(ValueError, match="config.data.augment / random_flip"):
+        make({"embeddings_dir": embeddings_dir, "data.augment": "random_crop"})
 
 
 def test_image_embeds_are_standardised_with_the_training_set_statistics(task, config, run):

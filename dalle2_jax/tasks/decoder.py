@@ -8,8 +8,11 @@ yields it: one jitted program over this process's devices, with the CLIP
 parameters as its argument, turns the images (at the CLIP run's load size) and
 token ids into the unit-norm CLIP image embedding, the caption's token
 encodings and their mask, and the image area-downsampled to the decoder's size
-(CLIP may see 64px while the decoder learns 32px). The CLIP parameters are
-thus never trained, never in the optimizer state, and never baked into the
+(CLIP may see 64px while the decoder learns 32px). With `config.embeddings_dir`
+the embeddings, token encodings and masks are read instead from the embedding
+dataset that `dalle2-jax embed` wrote for the train split (row i = example i,
+checked on its captions), and CLIP encodes only the evaluation conditions.
+The CLIP parameters are never trained, never in the optimizer state, and never baked into the
 train step as constants (a closed-over array becomes an HLO literal that XLA
 constant-folds: minutes of compile for a tiny CLIP, impossible for ViT-L).
 The loss noises the image and the UNet predicts the noise (and the variance
@@ -39,7 +42,7 @@ import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
 from dalle2_jax import diffusion, sampling, sharding
-from dalle2_jax.data import pipeline, shapes
+from dalle2_jax.data import embeddings, pipeline, shapes
 from dalle2_jax.models.clip import CLIP, normalize
 from dalle2_jax.models.unet import UNet
 from dalle2_jax.tasks import clip as clip_stage
@@ -225,6 +228,83 @@ class EncodedBatches(grain.DatasetIterator):
         self._parent.set_state(state)
 
 
+class StoredConditioningSource:
+    """Random access to example i of an image-caption split together with row i of its CLIP
+    embedding dataset (`tasks.clip.run_embed` writes row i from example i): the example's
+    fields plus "image_embed" (D,), "text_encodings" (L, W) and "text_mask" (L,).
+
+    `argument` names the embedding directory in errors. The two must have the same length and
+    the same captions (rows 0, the middle and the last are compared), and the stored arrays the
+    widths the decoder is built for.
+    """
+
+    KEYS = ("image_embed", "text_encodings", "text_mask")
+
+    def __init__(self, images, stored: embeddings.EmbeddingSource, *, image_embed_dim: int, text_len: int,
+                 text_width: int, argument: str = "config.embeddings_dir"):
+        self.images, self.stored = images, stored
+        if len(stored) != len(images):
+            raise ValueError(f"{argument}: holds {len(stored)} rows, the train split {len(images)} examples; "
+                             "expected the `dalle2-jax embed` output of this split")
+        missing = [embeddings.FIELDS[key][0] for key in self.KEYS if key not in stored.paths]
+        if missing:
+            raise ValueError(f"{argument}: has no {'/'.join(missing)} shards; the decoder needs the token "
+                             "encodings too (written by `dalle2-jax embed`)")
+        if stored.caption_paths is None:
+            raise ValueError(f"{argument}: has no metadata captions to check its rows against the train split")
+        first = stored[0]
+        want = {"image_embed": (image_embed_dim,), "text_encodings": (text_len, text_width), "text_mask": (text_len,)}
+        for key, shape in want.items():
+            if first[key].shape != shape:
+                raise ValueError(f"{argument}: {embeddings.FIELDS[key][0]} rows have shape {first[key].shape}, "
+                                 f"the frozen CLIP gives {shape}; expected embeddings of this CLIP")
+        for index in sorted({0, len(stored) // 2, len(stored) - 1}):
+            caption = clip_stage._text(images[index]["caption"])
+            if stored[index]["caption"] != caption:
+                raise ValueError(f"{argument}: row {index} is the caption {stored[index]['caption']!r}, example "
+                                 f"{index} of the train split {caption!r}; expected the embeddings of this split "
+                                 "in its order")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _join(self, example, index: int) -> dict:
+        row = self.stored[index]
+        return {**example, **{key: row[key] for key in self.KEYS}}
+
+    def __getitem__(self, index: int) -> dict:
+        return self._join(self.images[index], int(index))
+
+    def __getitems__(self, indices) -> list[dict]:
+        indices = [int(i) for i in indices]
+        return [self._join(example, i) for example, i in zip(self.images.__getitems__(indices), indices)]
+
+
+_downsample_images = jax.jit(downsample_images, static_argnums=1)
+
+
+class StoredBatches(grain.DatasetIterator):
+    """A checkpointable view of batches of a `StoredConditioningSource` with the keys of
+    `ClipEncoder`: the images area-downsampled to `image_size`, the stored conditioning."""
+
+    def __init__(self, parent: grain.DatasetIterator, image_size: int):
+        super().__init__(parent)
+        self.image_size = int(image_size)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._parent)
+        return {"image": np.asarray(_downsample_images(batch["image"], self.image_size)),
+                "image_embed": batch["image_embed"].astype(np.float32),
+                "text_encodings": batch["text_encodings"].astype(np.float32),
+                "text_mask": batch["text_mask"].astype(bool)}
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state)
+
+
 # ---------------------------------------------------------------------------------------------
 # The task.
 
@@ -264,6 +344,18 @@ class DecoderTask:
             raise ValueError(f"config.data.image_size: expected at least the decoder's {self.image_size}, "
                              f"got {self.load_size}")
 
+        self.embeddings_dir = config.get("embeddings_dir", "") or None
+        self._stored_source = None
+        if self.embeddings_dir is not None:
+            if not os.path.isdir(self.embeddings_dir):
+                raise FileNotFoundError(f"config.embeddings_dir: expected the `dalle2-jax embed` directory of the "
+                                        f"train split, {self.embeddings_dir!r} is not a directory")
+            # run_embed encodes the centre square of each image, unflipped.
+            if config.data.get("augment", "center_crop") != "center_crop" or config.data.get("random_flip", False):
+                raise ValueError("config.data.augment / random_flip: stored embeddings describe the centre crop of "
+                                 "each image; expected augment='center_crop' and random_flip=False with "
+                                 "config.embeddings_dir")
+
         stats_examples = int(config.get("image_embed_stats_examples", 0))
         if stats_examples < 0:
             raise ValueError(f"config.image_embed_stats_examples: expected >= 0, got {stats_examples}")
@@ -293,9 +385,23 @@ class DecoderTask:
             clip_stage._check_split(self._builder, "train", "config.data")
         return self._builder
 
+    def stored_source(self) -> StoredConditioningSource:
+        """The train split joined with `config.embeddings_dir` (checked once, then kept)."""
+        if self._stored_source is None:
+            conditioning = self.config.conditioning
+            self._stored_source = StoredConditioningSource(
+                self.builder.as_data_source("train"), embeddings.EmbeddingSource(self.embeddings_dir),
+                image_embed_dim=int(conditioning.image_embed_dim), text_len=int(conditioning.text_len),
+                text_width=int(conditioning.text_width))
+        return self._stored_source
+
     def image_embed_stats(self, count: int) -> tuple[np.ndarray, float]:
         """Mean (D,) and overall standard deviation of the CLIP image embeddings of the first
         `count` training examples, for `UNet.image_embed_mean` / `image_embed_std`."""
+        if self.embeddings_dir is not None:
+            stored = self.stored_source().stored
+            embeds = np.stack([stored[i]["image_embed"] for i in range(min(count, len(stored)))]).astype(np.float64)
+            return embeds.mean(0).astype(np.float32), float(np.sqrt(max(embeds.var(0).mean(), 1e-12)))
         items = first_examples(self.builder, "train", count)
         embeds = []
         for start in range(0, len(items), _CHUNK):
@@ -355,6 +461,12 @@ class DecoderTask:
 
     def train_iterator(self, *, seed: int, process_index: int, process_count: int, per_process_batch: int):
         data = self.config.data
+        if self.embeddings_dir is not None:
+            iterator = pipeline.make_image_text_iterator(
+                self.stored_source(), batch_size=per_process_batch, seed=seed, process_index=process_index,
+                process_count=process_count, image_size=self.load_size, augment="center_crop",
+                worker_count=int(data.get("worker_count", 0)))
+            return StoredBatches(iterator, self.image_size)
         iterator = pipeline.make_image_text_iterator(
             self.builder.as_data_source("train"), batch_size=per_process_batch, seed=seed,
             process_index=process_index, process_count=process_count, image_size=self.load_size,
