@@ -144,12 +144,9 @@ def test_stored_embeddings_give_the_batches_and_statistics_of_the_frozen_clip(ta
         np.testing.assert_array_equal(batch["text_mask"], want["text_mask"])
         iterator.set_state(position)
         np.testing.assert_array_equal(next(iterator)["image_embed"], batch["image_embed"])
-    loss, _ = jax.jit(stored_task.loss)(task_params(stored_task, batch), batch, jax.random.key(0))
+    params = jax.jit(stored_task.init_params)(jax.random.key(0), batch)
+    loss, _ = jax.jit(stored_task.loss)(params, batch, jax.random.key(0))
     assert np.isfinite(float(loss))
-
-
-def task_params(task, batch):
-    return jax.jit(task.init_params)(jax.random.key(0), batch)
 
 
 def test_stored_embeddings_of_other_rows_are_refused(data_dir, clip_dir, embeddings_dir, tmp_path):

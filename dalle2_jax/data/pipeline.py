@@ -84,6 +84,23 @@ def stack_examples(examples: Sequence[dict]) -> dict[str, np.ndarray]:
     return batch
 
 
+class BatchView(grain.DatasetIterator):
+    """A checkpointable view of a batch iterator: each batch goes through `map_batch`, and the
+    state is the parent's, so the view resumes exactly where its parent does."""
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return self.map_batch(next(self._parent))
+
+    def map_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state)
+
+
 # ---------------------------------------------------------------------------------------------
 # Images and captions.
 

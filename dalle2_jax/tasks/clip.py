@@ -141,7 +141,7 @@ def _square(image, size: int) -> np.ndarray:
     return pipeline.crop_and_resize(np.asarray(image), size, "center_crop", None)
 
 
-class KeepKeys(grain.DatasetIterator):
+class KeepKeys(pipeline.BatchView):
     """A checkpointable view of a batch iterator with only `keys` (the loop makes every leaf a
     device array, so captions and unused fields stay on the host)."""
 
@@ -149,15 +149,8 @@ class KeepKeys(grain.DatasetIterator):
         super().__init__(parent)
         self.keys = tuple(keys)
 
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = next(self._parent)
+    def map_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {key: batch[key] for key in self.keys}
-
-    def get_state(self) -> dict[str, Any]:
-        return self._parent.get_state()
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state)
 
 
 def check_tokenizer(tokenizer: Tokenizer, model: CLIP) -> None:

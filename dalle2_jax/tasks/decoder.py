@@ -209,7 +209,7 @@ class ClipEncoder:
         return {key: value[:count] for key, value in jax.device_get(out).items()}
 
 
-class EncodedBatches(grain.DatasetIterator):
+class EncodedBatches(pipeline.BatchView):
     """A checkpointable view of an image-caption batch iterator with the CLIP conditioning in
     place of the captions (the keys of `ClipEncoder`)."""
 
@@ -217,15 +217,8 @@ class EncodedBatches(grain.DatasetIterator):
         super().__init__(parent)
         self.encoder = encoder
 
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = next(self._parent)
+    def map_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.encoder(batch["image"], batch["input_ids"], batch["attention_mask"])
-
-    def get_state(self) -> dict[str, Any]:
-        return self._parent.get_state()
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state)
 
 
 class StoredConditioningSource:
@@ -283,26 +276,19 @@ class StoredConditioningSource:
 _downsample_images = jax.jit(downsample_images, static_argnums=1)
 
 
-class StoredBatches(grain.DatasetIterator):
+class StoredBatches(pipeline.BatchView):
     """A checkpointable view of batches of a `StoredConditioningSource` with the keys of
-    `ClipEncoder`: the images area-downsampled to `image_size`, the stored conditioning."""
+    `ClipEncoder`: the images area-downsampled to `image_size`, the stored conditioning
+    (float32 from `pipeline.prepare_example`, which turns the bool mask into int32)."""
 
     def __init__(self, parent: grain.DatasetIterator, image_size: int):
         super().__init__(parent)
         self.image_size = int(image_size)
 
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = next(self._parent)
+    def map_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"image": np.asarray(_downsample_images(batch["image"], self.image_size)),
-                "image_embed": batch["image_embed"].astype(np.float32),
-                "text_encodings": batch["text_encodings"].astype(np.float32),
+                "image_embed": batch["image_embed"], "text_encodings": batch["text_encodings"],
                 "text_mask": batch["text_mask"].astype(bool)}
-
-    def get_state(self) -> dict[str, Any]:
-        return self._parent.get_state()
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,15 +386,16 @@ class DecoderTask:
         `count` training examples, for `UNet.image_embed_mean` / `image_embed_std`."""
         if self.embeddings_dir is not None:
             stored = self.stored_source().stored
-            embeds = np.stack([stored[i]["image_embed"] for i in range(min(count, len(stored)))]).astype(np.float64)
-            return embeds.mean(0).astype(np.float32), float(np.sqrt(max(embeds.var(0).mean(), 1e-12)))
-        items = first_examples(self.builder, "train", count)
-        embeds = []
-        for start in range(0, len(items), _CHUNK):
-            chunk = items[start:start + _CHUNK]
-            images = np.stack([clip_stage._square(item["image"], self.load_size) for item in chunk])
-            embeds.append(self.encode(images, [clip_stage._text(item["caption"]) for item in chunk])["image_embed"])
-        embeds = np.concatenate(embeds).astype(np.float64)
+            embeds = np.stack([stored[i]["image_embed"] for i in range(min(count, len(stored)))])
+        else:
+            items = first_examples(self.builder, "train", count)
+            chunks = []
+            for start in range(0, len(items), _CHUNK):
+                chunk = items[start:start + _CHUNK]
+                images = np.stack([clip_stage._square(item["image"], self.load_size) for item in chunk])
+                chunks.append(self.encode(images, [clip_stage._text(item["caption"]) for item in chunk])["image_embed"])
+            embeds = np.concatenate(chunks)
+        embeds = embeds.astype(np.float64)
         return embeds.mean(0).astype(np.float32), float(np.sqrt(max(embeds.var(0).mean(), 1e-12)))
 
     # -- loss ---------------------------------------------------------------------------------
