@@ -107,11 +107,11 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         # eta 0 at 25 steps and 68-70% with eta 1 at 50 or 100 steps.
         eta=1.0,
         clip_denoised=True,
-        # tiny: 2. The demo's 5000-step decoder, 288 generated images (18 captions x 4, seeds 0,
-        # 100, 200, 300): shape judged right 62.5 / 68.1 / 70.1 / 63.9 / 61.1% at guidance 1 /
-        # 1.5 / 2 / 3 / 4, colour 98-100% at each; seeds 400-700: 66.3% at 2 against 64.9% at 3 (unseen pairs
-        # both right 69% against 75%, 8 images a seed)
-        # (an early 900-step decoder's colour was 40% unguided, 81% at 3, 93% at 5). base, paper: 3.
+        # tiny: 2. The demo's 5000-step decoder, 18 captions x 4 generated images a seed: shape
+        # judged right 62.5 / 68.1 / 70.1 / 63.9 / 61.1% at guidance 1 / 1.5 / 2 / 3 / 4 (seeds 0,
+        # 100, 200, 300), colour 98-100% at each; over eight seeds (576 images) 68.2% at 2 against
+        # 64.4% at 3, unseen pairs both right 67% against 64% (an early 900-step decoder's colour
+        # was 40% unguided, 81% at 3, 93% at 5). base, paper: 3.
         guidance_scale=2.0,
         drop_image_prob=0.1,  # paper: the CLIP image embedding is dropped 10% of the time
         drop_text_prob=0.5,  # and the caption 50%
