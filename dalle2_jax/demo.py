@@ -40,15 +40,14 @@ PRIOR_TEXT_LEN = 16  # token positions the prior trains on: the longest shapes c
 # The full run spends its 20 minutes where they buy the most. CLIP: 900 steps judge 98.4% of the
 # `test` shapes and 79.6% of the unseen pairs' shapes right zero-shot (600: 95.1%, 49.2%; 1200:
 # 99.6%, 73.4%, but its prior's samples for "a purple triangle" decode to empty images). The
-# decoder judges shapes right
-# only after thousands of updates (its 108 eval samples at batch 16: 32% after 900 steps, 45%
-# after 1800, 54% after 2700, 59% after 3600 with DDIM eta 0; 68-70% with eta 1). In the same
+# decoder judges shapes right only after thousands of updates (its 108 eval samples at batch 16:
+# 32% after 900 steps, 45% after 1800, 54% after 2700, 59% after 3600 with DDIM eta 0; 68-70% with eta 1). In the same
 # time batch 8 makes 1.6x the updates and learns faster (5400 x 8: 69% where 3300 x 16 judged
 # 57-61%; 3150 x 8: 46% where 1800 x 16 judged 41%; batch 4, 7200 steps: 58%). With the
 # decoder's cheaper resampling (configs/decoder.py) 6000 x 8 takes the time that 5000 x 8 took
 # with residual blocks, and its generated shapes were judged right 78.3% of the time where those
-# gave 68.2% (eight seeds). The prior reaches the same test cosine at 400 steps as at 600 and
-# 800 (0.980; unseen pairs 0.961-0.964), and the upsampler does not decide what the judge sees
+# gave 68.2% (eight seeds). The prior (600-step CLIP, unguided) reaches the same test cosine at 400
+# steps as at 600 and 800 (0.980; unseen pairs 0.961-0.964), and the upsampler does not decide what the judge sees
 # (on upsampled test images its verdicts are the originals' at 5, 8 and 15 sampling steps), though
 # its PSNR drops from 27.6 dB at 240 steps to 25.3 at 160.
 TRAINING = {
@@ -63,8 +62,7 @@ TRAINING = {
 # a purple circle and square: 0.99 after 600 steps, 0.96 after 1200) and guidance 4 overshoots:
 # with the 900-step CLIP colour was judged right 82% and shape 69% at 4 (seeds 100-300), 97% and
 # 83% at 2 (eight seeds, 0-700); at 1 (seed 100) the unseen pairs fell to 38% both right. The
-# decoder samples with its config's 50 steps of eta 1, the
-# upsampler with 8 (the 240-step upsampler's test PSNR: 28.8 dB at 8 steps, 28.2 at 15: fewer
+# decoder samples with its config's 50 steps of eta 1, the upsampler with 8 (the 240-step upsampler's test PSNR: 28.8 dB at 8 steps, 28.2 at 15: fewer
 # steps add less noise).
 FULL_SETTINGS = {
     "clip": {},
