@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from dalle2_jax.models.attention import IMPLEMENTATIONS, dot_product_attention
+from dalle2_jax.models.group_norm import GroupNorm
 
 Array = jax.Array
 
@@ -121,7 +122,7 @@ class ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, emb: Array) -> Array:
         """x: (B, H, W, C); emb: (B, E) time embedding, already passed through SiLU."""
-        norm = lambda name: nn.GroupNorm(self.num_groups, epsilon=self.norm_eps, dtype=self.dtype, name=name)
+        norm = lambda name: GroupNorm(self.num_groups, epsilon=self.norm_eps, dtype=self.dtype, name=name)
         h = nn.silu(norm("norm1")(x))
         if self.resample == "up":
             h, x = upsample_nearest_2x(h), upsample_nearest_2x(x)
@@ -193,7 +194,7 @@ class AttentionBlock(nn.Module):
         head_width = channels // heads
         dense = lambda name, **kw: nn.Dense(channels, dtype=self.dtype, name=name, **kw)
 
-        h = nn.GroupNorm(self.num_groups, epsilon=self.norm_eps, dtype=self.dtype, name="group_norm")(x)
+        h = GroupNorm(self.num_groups, epsilon=self.norm_eps, dtype=self.dtype, name="group_norm")(x)
         h = h.reshape(b, height * width, channels)
         q, k, v = dense("to_q")(h), dense("to_k")(h), dense("to_v")(h)
         mask = None
@@ -392,7 +393,7 @@ class UNet(nn.Module):
                 else:
                     h = Upsample(dtype, name=name)(h, emb)
 
-        h = nn.silu(nn.GroupNorm(self.num_groups, epsilon=self.norm_eps, dtype=dtype, name="conv_norm_out")(h))
+        h = nn.silu(GroupNorm(self.num_groups, epsilon=self.norm_eps, dtype=dtype, name="conv_norm_out")(h))
         out_channels = self.out_channels * (2 if self.learned_variance else 1)
         out = Conv(out_channels, (3, 3), dtype, nn.initializers.zeros, name="conv_out")(h)
         return out.astype(jnp.float32)
