@@ -38,7 +38,7 @@ def _spread(per_group: Array, channels: int) -> Array:
 
 
 def _per_channel_sums(*arrays: Array) -> list[Array]:
-    """Sums over all axes but the first (batch) and last (channels), in float32."""
+    """Sums over all axes but the first (batch) and last (channels): (B, C) each."""
     axes = tuple(range(1, arrays[0].ndim - 1))
     return [jnp.sum(a, axis=axes) for a in arrays]
 
@@ -48,23 +48,22 @@ def _broadcastable(per_channel: Array, ndim: int) -> Array:
     return per_channel.reshape((b,) + (1,) * (ndim - 2) + (c,))
 
 
-def _statistics(x: Array, num_groups: int) -> tuple[Array, Array, int]:
-    b, c = x.shape[0], x.shape[-1]
-    xf = x.astype(jnp.float32)
-    sum_x, sum_xx = _per_channel_sums(xf, xf * xf)
-    count = x.size // (b * num_groups)
-    mean = sum_x.reshape(b, num_groups, -1).sum(-1) / count
-    var = jnp.maximum(sum_xx.reshape(b, num_groups, -1).sum(-1) / count - mean * mean, 0.0)
-    return mean, var, count
+def _group_mean(per_channel_sum: Array, x: Array, num_groups: int) -> Array:
+    """(B, C) sums over the spatial axes of x -> (B, G) means over each group's elements."""
+    b = per_channel_sum.shape[0]
+    return per_channel_sum.reshape(b, num_groups, -1).sum(-1) / (x.size // (b * num_groups))
 
 
 def _forward(x, scale, bias, num_groups, epsilon):
     channels = x.shape[-1]
-    mean, var, _ = _statistics(x, num_groups)
+    xf = x.astype(jnp.float32)
+    sum_x, sum_xx = _per_channel_sums(xf, xf * xf)
+    mean = _group_mean(sum_x, x, num_groups)
+    var = jnp.maximum(_group_mean(sum_xx, x, num_groups) - mean * mean, 0.0)
     rstd = jax.lax.rsqrt(var + epsilon)
     multiplier = _spread(rstd, channels) * scale
     offset = bias - _spread(mean, channels) * multiplier
-    y = x.astype(jnp.float32) * _broadcastable(multiplier, x.ndim) + _broadcastable(offset, x.ndim)
+    y = xf * _broadcastable(multiplier, x.ndim) + _broadcastable(offset, x.ndim)
     return y, (x, scale, mean, rstd)
 
 
@@ -78,15 +77,10 @@ def group_norm(x: Array, scale: Array, bias: Array, num_groups: int, epsilon: fl
     return _forward(x, scale, bias, num_groups, epsilon)[0]
 
 
-def _group_norm_fwd(x, scale, bias, num_groups, epsilon):
-    return _forward(x, scale, bias, num_groups, epsilon)
-
-
 def _group_norm_bwd(num_groups, epsilon, residuals, d_y):
     del epsilon
     x, scale, mean, rstd = residuals
-    b, channels = x.shape[0], x.shape[-1]
-    count = x.size // (b * num_groups)
+    channels = x.shape[-1]
     d_yf, xf = d_y.astype(jnp.float32), x.astype(jnp.float32)
     sum_dy, sum_dy_x = _per_channel_sums(d_yf, d_yf * xf)
     mean_c, rstd_c = _spread(mean, channels), _spread(rstd, channels)
@@ -96,8 +90,8 @@ def _group_norm_bwd(num_groups, epsilon, residuals, d_y):
     d_bias = jnp.sum(sum_dy, axis=0)
     # With g = dy * scale (the gradient at x_hat): dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)),
     # the means over each group's elements; written as dy * k_dy + x * k_x + k_1.
-    mean_g = (scale * sum_dy).reshape(b, num_groups, -1).sum(-1) / count
-    mean_g_xhat = (scale * sum_dy_xhat).reshape(b, num_groups, -1).sum(-1) / count
+    mean_g = _group_mean(scale * sum_dy, x, num_groups)
+    mean_g_xhat = _group_mean(scale * sum_dy_xhat, x, num_groups)
     k_dy = rstd_c * scale
     k_x = _spread(-rstd * rstd * mean_g_xhat, channels)
     k_1 = _spread(rstd * (mean * rstd * mean_g_xhat - mean_g), channels)
@@ -105,7 +99,7 @@ def _group_norm_bwd(num_groups, epsilon, residuals, d_y):
     return d_x.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(scale.dtype)
 
 
-group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+group_norm.defvjp(_forward, _group_norm_bwd)
 
 
 class GroupNorm(nn.Module):
@@ -118,9 +112,9 @@ class GroupNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        channels = x.shape[-1]
         if x.ndim < 2:
             raise ValueError(f"x: expected (batch, ..., channels), got shape {x.shape}")
+        channels = x.shape[-1]
         if self.num_groups < 1 or channels % self.num_groups:
             raise ValueError(f"num_groups: {self.num_groups} does not divide the {channels} channels of x")
         scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
