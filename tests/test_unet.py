@@ -127,6 +127,55 @@ def test_convolution_resampling_matches_numpy_reference():
     assert set(params["up_blocks_0_upsamplers_0"]) == {"conv"}
 
 
+def test_phase_split_upsampling_convolution_matches_upsample_then_convolve():
+    """conv_upsampled_3x3 is the 3x3 convolution of the nearest-upsampled map, values and gradients."""
+    x = jax.random.normal(jax.random.key(6), (2, 5, 7, 3))
+    kernel = jax.random.normal(jax.random.key(7), (3, 3, 3, 4))
+    x_np, kernel_np = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+    expected = _np_conv3x3(x_np.repeat(2, 1).repeat(2, 2), kernel_np, 0.0)
+    out = unet_lib.conv_upsampled_3x3(x, kernel)
+    assert out.shape == (2, 10, 14, 4)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+    cotangent = jax.random.normal(jax.random.key(8), out.shape)
+    direct = lambda x, kernel: unet_lib._conv_same(unet_lib.upsample_nearest_2x(x), kernel)
+    vjp = lambda f: jax.vjp(f, x, kernel)[1](cotangent)
+    for grad, grad_direct in zip(vjp(unet_lib.conv_upsampled_3x3), vjp(direct)):
+        np.testing.assert_allclose(grad, grad_direct, rtol=1e-5, atol=1e-4)
+
+    # A 1x1 kernel convolves, then upsamples; "direct" is the reference formulation.
+    for size in ((3, 3), (1, 1)):
+        conv = lambda impl: unet_lib.Conv(4, size, upsample=impl)
+        params = _perturb(conv("phases").init(jax.random.key(9), x), jax.random.key(10))
+        np.testing.assert_allclose(conv("phases").apply(params, x), conv("direct").apply(params, x),
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="kernel_size"):
+        unet_lib.Conv(4, (5, 5), upsample="phases").init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="upsample"):
+        unet_lib.Conv(4, upsample="bilinear").init(jax.random.key(0), x)
+
+
+def test_up_block_and_unet_same_with_either_upsampling_convolution(decoder):
+    """upsample_conv="phases" (the default) and "direct" agree in outputs and parameter gradients."""
+    x = jax.random.normal(jax.random.key(11), (2, 4, 6, 8))
+    emb = jax.random.normal(jax.random.key(12), (2, 16))
+    block = lambda impl: ResBlock(8, num_groups=2, resample="up", upsample_conv=impl)
+    params = _perturb(block("phases").init(jax.random.key(13), x, emb), jax.random.key(14))
+    np.testing.assert_allclose(block("phases").apply(params, x, emb), block("direct").apply(params, x, emb),
+                               rtol=1e-5, atol=1e-5)
+
+    model, params, _, x, t, cond = decoder
+    loss = lambda params, model: jnp.sum(model.apply(params, x, t, **cond) ** 2)
+    value, grads = jax.value_and_grad(loss)(params, model)
+    direct_value, direct_grads = jax.value_and_grad(loss)(params, model.clone(upsample_conv="direct"))
+    np.testing.assert_allclose(value, direct_value, rtol=1e-5)
+    # Float rounding, relative to each gradient's largest entry (sums of squares reach 1e2 here).
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.max(jnp.abs(b)))),
+                 grads, direct_grads)
+    with pytest.raises(ValueError, match="upsample_conv"):
+        model.clone(upsample_conv="subpixel").apply(params, x, t, **cond)
+
+
 def test_attention_matches_numpy_reference_with_context_and_mask():
     heads, width = 2, 8
     x = jax.random.normal(jax.random.key(5), (2, 2, 3, width))

@@ -29,6 +29,7 @@ from typing import Any, Optional, Sequence, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dalle2_jax.models.attention import IMPLEMENTATIONS, dot_product_attention
 from dalle2_jax.models.group_norm import GroupNorm
@@ -72,27 +73,72 @@ def avg_pool_2x(x: Array) -> Array:
 
 
 _CONV_DIMS = ("NHWC", "HWIO", "NHWC")
+UPSAMPLE_CONV_IMPLS = ("phases", "direct")
+
+# _PHASE_TAPS[p, a, u] = 1 where tap u of a 3-tap kernel on the 2x nearest-upsampled axis reads
+# low-resolution pixel i - 1 + p + a for output pixel 2i + p (phase 0 reads i-1, i; phase 1 i, i+1).
+_PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.float32)
 
 
 def _conv_same(x: Array, kernel: Array) -> Array:
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_CONV_DIMS)
 
 
+def conv_upsampled_3x3(x: Array, kernel: Array) -> Array:
+    """`_conv_same(upsample_nearest_2x(x), kernel)` for a 3x3 kernel, at x's resolution.
+
+    Each of the four output phases (even/odd row, even/odd column) sees a 2x2
+    neighbourhood of x through a 2x2 kernel whose taps are sums of the 3x3
+    kernel's, so the four 2x2 convolutions do 16/36 of the multiply-adds and
+    never build the upsampled input. `kernel`'s taps are summed in its own
+    dtype, before any cast of x's. Same result up to float rounding.
+    """
+    b, h, w, _ = x.shape
+    if kernel.shape[:2] != (3, 3):
+        raise ValueError(f"kernel: expected a 3x3 kernel (3, 3, in, out), got shape {kernel.shape}")
+    phase_kernels = jnp.einsum("pau,qbv,uvio->pqabio", _PHASE_TAPS, _PHASE_TAPS, kernel).astype(x.dtype)
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    rows = []
+    for py in (0, 1):
+        phases = [jax.lax.conv_general_dilated(padded[:, py:py + h + 1, px:px + w + 1], phase_kernels[py, px],
+                                               (1, 1), "VALID", dimension_numbers=_CONV_DIMS)
+                  for px in (0, 1)]
+        rows.append(jnp.stack(phases, axis=3))  # (B, H, W, 2 column phases, out)
+    return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, kernel.shape[-1])
+
+
 class Conv(nn.Module):
-    """nn.Conv (stride 1, SAME, odd kernel) with the same parameters."""
+    """nn.Conv (stride 1, SAME, odd kernel) with the same parameters.
+
+    `upsample` convolves the 2x nearest-upsampled input instead: "phases" at the
+    input's resolution (`conv_upsampled_3x3`; 1x1 kernels convolve, then
+    upsample), "direct" by upsampling first; None convolves the input as is.
+    """
 
     features: int
     kernel_size: tuple[int, int] = (3, 3)
     dtype: Any = jnp.float32
     kernel_init: Any = nn.initializers.lecun_normal()
+    upsample: Optional[str] = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kh, kw = self.kernel_size
         kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-        return _conv_same(x, kernel) + bias
+        bias = self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+        x = x.astype(self.dtype)
+        if self.upsample is None:
+            return _conv_same(x, kernel.astype(self.dtype)) + bias
+        if self.upsample not in UPSAMPLE_CONV_IMPLS:
+            raise ValueError(f"upsample: expected None or one of {UPSAMPLE_CONV_IMPLS}, got {self.upsample!r}")
+        if self.upsample == "direct":
+            return _conv_same(upsample_nearest_2x(x), kernel.astype(self.dtype)) + bias
+        if (kh, kw) == (1, 1):
+            return upsample_nearest_2x(_conv_same(x, kernel.astype(self.dtype)) + bias)
+        if (kh, kw) != (3, 3):
+            raise ValueError(f"kernel_size: upsample={self.upsample!r} takes 1x1 or 3x3 kernels, "
+                             f"got {self.kernel_size}")
+        return conv_upsampled_3x3(x, kernel) + bias
 
 
 class TimeEmbedding(nn.Module):
@@ -118,17 +164,19 @@ class ResBlock(nn.Module):
     resample: str = "none"  # "none" | "up" | "down"
     deterministic: bool = True
     dtype: Any = jnp.float32
+    upsample_conv: str = "phases"  # Conv.upsample for conv1 of an "up" block
 
     @nn.compact
     def __call__(self, x: Array, emb: Array) -> Array:
         """x: (B, H, W, C); emb: (B, E) time embedding, already passed through SiLU."""
         norm = lambda name: GroupNorm(self.num_groups, epsilon=self.norm_eps, dtype=self.dtype, name=name)
         h = nn.silu(norm("norm1")(x))
+        upsample = None
         if self.resample == "up":
-            h, x = upsample_nearest_2x(h), upsample_nearest_2x(x)
+            upsample, x = self.upsample_conv, upsample_nearest_2x(x)  # conv1 upsamples h
         elif self.resample == "down":
             h, x = avg_pool_2x(h), avg_pool_2x(x)
-        h = Conv(self.out_channels, (3, 3), self.dtype, name="conv1")(h)
+        h = Conv(self.out_channels, (3, 3), self.dtype, upsample=upsample, name="conv1")(h)
 
         emb_features = 2 * self.out_channels if self.scale_shift_norm else self.out_channels
         emb_out = nn.Dense(emb_features, dtype=self.dtype, name="time_emb_proj")(emb)[:, None, None, :]
@@ -161,12 +209,12 @@ class Upsample(nn.Module):
     """Nearest 2x then 3x3 convolution (the non-BigGAN upsampling)."""
 
     dtype: Any = jnp.float32
+    upsample_conv: str = "phases"  # Conv.upsample
 
     @nn.compact
     def __call__(self, x: Array, emb: Array) -> Array:
         del emb
-        x = upsample_nearest_2x(x)
-        return Conv(x.shape[-1], (3, 3), self.dtype, name="conv")(x)
+        return Conv(x.shape[-1], (3, 3), self.dtype, upsample=self.upsample_conv, name="conv")(x)
 
 
 class AttentionBlock(nn.Module):
@@ -268,6 +316,9 @@ class UNet(nn.Module):
     # models.attention: "blocked" recomputes each group of heads' softmax in the backward pass
     # instead of storing the logits (2.2x faster at 32px on CPU); "auto": blocked on CPU, else dense
     attention_impl: str = "auto"
+    # how a 3x3 convolution of a 2x nearest-upsampled map is computed (up blocks' conv1, Upsample):
+    # "phases" at the low resolution, 4/9 of the multiply-adds; "direct" upsamples first
+    upsample_conv: str = "phases"
 
     @property
     def level_channels(self) -> tuple[int, ...]:
@@ -300,6 +351,8 @@ class UNet(nn.Module):
                                  f"num_groups={self.num_groups}, got channels {chans}")
         if self.attention_impl not in IMPLEMENTATIONS:
             raise ValueError(f"attention_impl: expected one of {IMPLEMENTATIONS}, got {self.attention_impl!r}")
+        if self.upsample_conv not in UPSAMPLE_CONV_IMPLS:
+            raise ValueError(f"upsample_conv: expected one of {UPSAMPLE_CONV_IMPLS}, got {self.upsample_conv!r}")
         if self.remat not in ("none", "block"):
             raise ValueError(f"remat: expected 'none' or 'block', got {self.remat!r}")
         if self.use_low_res and self.low_res_resize not in _RESIZE_METHODS:
@@ -355,7 +408,7 @@ class UNet(nn.Module):
         attn_block = _RematAttentionBlock if self.remat == "block" else AttentionBlock
         res = lambda ch, name, resample="none": res_block(
             ch, self.num_groups, self.norm_eps, self.scale_shift_norm, self.dropout, resample,
-            not train, dtype, name=name)
+            not train, dtype, self.upsample_conv, name=name)
         attn = lambda name: attn_block(self.head_dim, self.num_heads, self.num_groups, self.norm_eps,
                                        dtype, self.attention_impl, name=name)
 
@@ -391,7 +444,7 @@ class UNet(nn.Module):
                 if self.resblock_updown:
                     h = res(chans[level], name, "up")(h, emb)
                 else:
-                    h = Upsample(dtype, name=name)(h, emb)
+                    h = Upsample(dtype, self.upsample_conv, name=name)(h, emb)
 
         h = nn.silu(GroupNorm(self.num_groups, epsilon=self.norm_eps, dtype=dtype, name="conv_norm_out")(h))
         out_channels = self.out_channels * (2 if self.learned_variance else 1)
