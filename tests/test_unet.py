@@ -10,6 +10,8 @@ import pytest
 from dalle2_jax.models import unet as unet_lib
 from dalle2_jax.models.unet import AttentionBlock, ResBlock, UNet
 
+import numpy_reference
+
 B, SIZE, EMBED, TEXT_LEN, TEXT_WIDTH = 4, 16, 12, 6, 10
 
 DECODER = dict(image_size=SIZE, channels=(16, 32), num_res_blocks=1, attention_resolutions=(8,), head_dim=8,
@@ -21,14 +23,6 @@ def _perturb(params, key, scale=0.2):
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves))
     return jax.tree.unflatten(treedef, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-
-
-def _np_group_norm(x, groups, scale, bias, eps=1e-5):
-    b, h, w, c = x.shape
-    g = x.reshape(b, h * w, groups, c // groups)
-    mean = g.mean(axis=(1, 3), keepdims=True)
-    var = g.var(axis=(1, 3), keepdims=True)
-    return ((g - mean) / np.sqrt(var + eps)).reshape(x.shape) * scale + bias
 
 
 def _np_conv3x3(x, kernel, bias):
@@ -77,15 +71,15 @@ def test_resblock_matches_numpy_reference(scale_shift_norm):
 
     p = jax.tree.map(np.asarray, params["params"])
     xn, en = np.asarray(x), np.asarray(emb)
-    h = _silu(_np_group_norm(xn, 2, p["norm1"]["scale"], p["norm1"]["bias"]))
+    h = _silu(numpy_reference.group_norm(xn, 2, p["norm1"]["scale"], p["norm1"]["bias"]))
     h = _np_conv3x3(h, p["conv1"]["kernel"], p["conv1"]["bias"])
     # The UNet applies SiLU to the time embedding once; blocks receive it activated.
     e = (en @ p["time_emb_proj"]["kernel"] + p["time_emb_proj"]["bias"])[:, None, None, :]
     if scale_shift_norm:
         scale, shift = e[..., :8], e[..., 8:]
-        h = _np_group_norm(h, 2, p["norm2"]["scale"], p["norm2"]["bias"]) * (1 + scale) + shift
+        h = numpy_reference.group_norm(h, 2, p["norm2"]["scale"], p["norm2"]["bias"]) * (1 + scale) + shift
     else:
-        h = _np_group_norm(h + e, 2, p["norm2"]["scale"], p["norm2"]["bias"])
+        h = numpy_reference.group_norm(h + e, 2, p["norm2"]["scale"], p["norm2"]["bias"])
     h = _np_conv3x3(_silu(h), p["conv2"]["kernel"], p["conv2"]["bias"])
     skip = xn @ p["conv_shortcut"]["kernel"][0, 0] + p["conv_shortcut"]["bias"]
     np.testing.assert_allclose(out, skip + h, rtol=1e-4, atol=1e-4)
@@ -187,7 +181,7 @@ def test_attention_matches_numpy_reference_with_context_and_mask():
 
     p = jax.tree.map(np.asarray, params["params"])
     lin = lambda a, name: a @ p[name]["kernel"] + p[name]["bias"]
-    h = _np_group_norm(np.asarray(x), 2, p["group_norm"]["scale"], p["group_norm"]["bias"]).reshape(2, 6, width)
+    h = numpy_reference.group_norm(np.asarray(x), 2, p["group_norm"]["scale"], p["group_norm"]["bias"]).reshape(2, 6, width)
     c = np.asarray(context)
     q = lin(h, "to_q")
     k = np.concatenate([lin(c, "add_k_proj"), lin(h, "to_k")], 1)  # context keys first (GLIDE, diffusers)
