@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from dalle2_jax import bench
-from dalle2_jax.bench import reference
+from dalle2_jax.bench import common, reference
 
 TINY = ["--config", "configs/unet.py:decoder_tiny", "--config.model.channel_mult=(1,)",
         "--config.model.attention_resolutions=(32,)", "--config.model.model_channels=8", "--config.model.head_dim=8", "--warmup", "0",
@@ -35,6 +35,26 @@ def test_unet_train_reports_step_time_flops_and_ratios():
     assert result["gflops_per_s"] == pytest.approx(result["flops_per_step"] / result["step_s"] / 1e9, rel=1e-2)
     assert result["speedup_vs_recorded_diffusers"] == pytest.approx(8.05 / result["step_s"], rel=1e-2)
     assert "speedup_vs_diffusers" not in result  # only with --reference, from a measurement
+    assert result["matmul_dtype"] == "float32"
+    assert result["peak_tflops"] is None and result["ratio_to_peak"] is None  # no bf16 peak for a CPU
+
+
+def test_unet_train_ratio_to_peak_with_a_given_peak():
+    result = bench.run(["unet-train", *TINY, "--peak-tflops", "0.5"])
+    assert result["peak_tflops"] == 0.5
+    assert result["ratio_to_peak"] == pytest.approx(result["flops_per_step"] / result["step_s"] / 0.5e12, abs=1e-3)
+    with pytest.raises(ValueError, match="--peak-tflops: expected a positive"):
+        bench.run(["unet-train", *TINY, "--peak-tflops", "0"])
+
+
+@pytest.mark.parametrize("platform,kind,peak", [
+    ("gpu", "NVIDIA H100 80GB HBM3", 989.0), ("gpu", "NVIDIA H100 PCIe", 756.0), ("gpu", "NVIDIA H200", 989.0),
+    ("gpu", "NVIDIA A100-SXM4-80GB", 312.0), ("gpu", "NVIDIA L40S", 362.0), ("gpu", "NVIDIA L4", 121.0),
+    ("tpu", "TPU v4", 275.0), ("tpu", "TPU v5 lite", 197.0), ("tpu", "TPU v5p", 459.0), ("tpu", "TPU v6 lite", 918.0),
+    ("gpu", "NVIDIA GeForce GTX 1080", None), ("cpu", "cpu", None),
+])
+def test_peak_tflops_lookup_by_device_kind(platform, kind, peak):
+    assert common.peak_tflops(platform, kind) == peak
 
 
 def test_unet_sample_reports_guided_and_unguided_loops():

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reference", action="store_true",
                         help="unet-train/unet-sample: also time diffusers' UNet2DConditionModel of the same layout "
                              "in this run and report the ratios (needs torch and diffusers)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="unet-train: one device's bf16 peak TFLOP/s for ratio_to_peak (default: looked up "
+                             "from the device kind; none on CPU)")
     return parser
 
 

@@ -86,6 +86,28 @@ def matmul_gflops_per_s(n: int = 2048, *, dtype=jnp.float32, warmup: int = 2, re
     return median(matmul_rates(n, dtype=dtype, warmup=warmup, repeats=repeats))
 
 
+# Dense bf16 peak of one device in TFLOP/s (vendor data sheets, no structured sparsity), matched as
+# substrings of jax's `device_kind` in this order, so "H100 PCIe" precedes "H100" and "L40S" "L4".
+# A jax TPU device is a chip for these generations (v2 and v3 expose cores, hence left out).
+PEAK_BF16_TFLOPS = (
+    ("TPU v4", 275.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v5p", 459.0), ("TPU v5", 459.0),
+    ("TPU v6 lite", 918.0), ("TPU v6e", 918.0),
+    ("B200", 2250.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0),
+    ("L40S", 362.0), ("L4", 121.0),
+)
+
+
+def peak_tflops(platform: str, device_kind: str, override: float | None = None) -> float | None:
+    """One device's bf16 peak TFLOP/s: `override` if given, else the table's; None on CPU or when unknown."""
+    if override is not None:
+        if not override > 0:
+            raise ValueError(f"--peak-tflops: expected a positive TFLOP/s figure, got {override}")
+        return float(override)
+    if platform == "cpu":
+        return None
+    return next((tflops for name, tflops in PEAK_BF16_TFLOPS if name.lower() in device_kind.lower()), None)
+
+
 def device_info() -> dict[str, Any]:
     device = jax.devices()[0]
     return {"platform": device.platform, "device_kind": device.device_kind,

@@ -11,7 +11,7 @@ import numpy as np
 
 from dalle2_jax import config_util, diffusion
 from dalle2_jax.bench import common, reference
-from dalle2_jax.models.unet import UNet
+from dalle2_jax.models.unet import UNet, compute_dtype
 from dalle2_jax.training.optim import make_optimizer
 
 # diffusers 0.42 UNet2DConditionModel with the Karlo decoder blocks at the `bench` width, torch 2.13
@@ -117,8 +117,13 @@ def unet_train(args) -> dict[str, Any]:
     loss = float(one_step())
     cores = common.cpu_cores()
     step_s, step_cpu_s = common.median(times), common.median(times.cpu) / cores
-    matmul = common.matmul_rates()
+    # The matmul ceiling in the compute dtype: float32 on CPU (the targets' reference), bf16 for an
+    # accelerator run with --config.compute_dtype=bfloat16.
+    matmul_dtype = compute_dtype(config.model.dtype)
+    matmul = common.matmul_rates(dtype=matmul_dtype)
     matmul_wall, matmul_cpu = common.median(matmul), common.median(matmul.cpu)
+    info = common.device_info()
+    peak = common.peak_tflops(info["platform"], info["device_kind"], getattr(args, "peak_tflops", None))
     result = {
         "mode": "unet-train", "config": args.config, "batch": batch, "image_size": size,
         "params": _num_params(params), "compile_s": round(compile_s, 3), "step_s": round(step_s, 4),
@@ -130,7 +135,10 @@ def unet_train(args) -> dict[str, Any]:
         "cores": cores, "compile_cpu_s": round(compile_cpu_s / cores, 3), "step_cpu_s": round(step_cpu_s, 4),
         "gflops_per_s_cpu": round(flops / step_cpu_s / 1e9, 2), "matmul_gflops_per_s_cpu": round(matmul_cpu, 2),
         "ratio_to_matmul_cpu": round(flops / step_cpu_s / 1e9 / matmul_cpu, 3),
-        "loss": loss, "dtype": str(config.model.dtype), "remat": config.model.remat, **common.device_info(),
+        "matmul_dtype": str(jnp.dtype(matmul_dtype)),
+        # The accelerator target: the step's FLOP/s over one device's bf16 peak (the step runs on one).
+        "peak_tflops": peak, "ratio_to_peak": None if peak is None else round(flops / step_s / 1e12 / peak, 3),
+        "loss": loss, "dtype": str(config.model.dtype), "remat": config.model.remat, **info,
     }
     if getattr(args, "reference", False):
         measured = reference.diffusers_train_step(config, batch, seed=args.seed)
