@@ -66,6 +66,9 @@ def _num_params(params: Any) -> int:
 def unet_train(args) -> dict[str, Any]:
     """Full training step (forward, backward, AdamW) of the eps MSE loss; timing and FLOP/s."""
     config = config_util.load_config(args.config, args.overrides)
+    # Before any compiling, so a bad --peak-tflops fails at once.
+    info = common.device_info()
+    peak = common.peak_tflops(info["platform"], info["device_kind"], getattr(args, "peak_tflops", None))
     batch = args.batch or 8
     rng = jax.random.key(args.seed)
     model, params, cond = _model_and_params(config, batch, rng)
@@ -122,8 +125,6 @@ def unet_train(args) -> dict[str, Any]:
     matmul_dtype = compute_dtype(config.model.dtype)
     matmul = common.matmul_rates(dtype=matmul_dtype)
     matmul_wall, matmul_cpu = common.median(matmul), common.median(matmul.cpu)
-    info = common.device_info()
-    peak = common.peak_tflops(info["platform"], info["device_kind"], getattr(args, "peak_tflops", None))
     result = {
         "mode": "unet-train", "config": args.config, "batch": batch, "image_size": size,
         "params": _num_params(params), "compile_s": round(compile_s, 3), "step_s": round(step_s, 4),
@@ -135,7 +136,7 @@ def unet_train(args) -> dict[str, Any]:
         "cores": cores, "compile_cpu_s": round(compile_cpu_s / cores, 3), "step_cpu_s": round(step_cpu_s, 4),
         "gflops_per_s_cpu": round(flops / step_cpu_s / 1e9, 2), "matmul_gflops_per_s_cpu": round(matmul_cpu, 2),
         "ratio_to_matmul_cpu": round(flops / step_cpu_s / 1e9 / matmul_cpu, 3),
-        "matmul_dtype": str(jnp.dtype(matmul_dtype)),
+        "matmul_dtype": str(matmul_dtype),
         # The accelerator target: the step's FLOP/s over one device's bf16 peak (the step runs on one).
         "peak_tflops": peak, "ratio_to_peak": None if peak is None else round(flops / step_s / 1e12 / peak, 3),
         "loss": loss, "dtype": str(config.model.dtype), "remat": config.model.remat, **info,
