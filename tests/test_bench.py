@@ -1,4 +1,5 @@
-"""`python -m dalle2_jax.bench`: argument parsing, a tiny run of each UNet mode, the reference's error."""
+"""`python -m dalle2_jax.bench`: argument parsing, a tiny run of each UNet mode and of prior-train, the reference's error."""
+import math
 import sys
 
 import pytest
@@ -55,6 +56,19 @@ def test_unet_train_ratio_to_peak_with_a_given_peak():
 ])
 def test_peak_tflops_lookup_by_device_kind(platform, kind, peak):
     assert common.peak_tflops(platform, kind) == peak
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prior_train_reports_step_time_flops_and_the_matmul_in_its_dtype(dtype):
+    result = bench.run(["prior-train", "--config", "configs/prior.py:tiny", "--batch", "4", "--warmup", "0",
+                        "--repeats", "1", f"--config.compute_dtype={dtype}"])
+    assert result["mode"] == "prior-train" and result["batch"] == 4 and result["dtype"] == dtype
+    assert result["matmul_dtype"] == dtype
+    assert result["flops_per_step"] > 0 and result["step_s"] > 0 and math.isfinite(result["loss"])
+    assert result["gflops_per_s"] == pytest.approx(result["flops_per_step"] / result["step_s"] / 1e9, rel=1e-2)
+    assert result["ratio_to_matmul"] == pytest.approx(
+        result["gflops_per_s"] / result["matmul_gflops_per_s"], rel=1e-2, abs=1e-3)
+    assert result["speedup_vs_dalle2_pytorch"] == pytest.approx(44.3 / result["step_s"], rel=1e-2)
 
 
 def test_unet_sample_reports_guided_and_unguided_loops():

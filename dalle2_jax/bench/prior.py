@@ -81,14 +81,16 @@ def prior_train(args) -> dict[str, Any]:
     step_s = common.median(times)
     flops = common.flops_of(compiled)
     gflops = flops / step_s / 1e9
-    matmul = common.matmul_gflops_per_s()
+    # The matmul ceiling in the compute dtype, as unet-train measures it.
+    matmul_dtype = jnp.dtype(config.model.dtype)
+    matmul = common.matmul_gflops_per_s(dtype=matmul_dtype)
     return {
         "mode": "prior-train", "config": args.config, "batch": batch_size,
         "text_len": int(config.model.max_text_len), "params": _num_params(params),
         "compile_s": round(compile_s, 3), "step_s": round(step_s, 4),
         "step_times_s": [round(s, 4) for s in times], "flops_per_step": flops,
         "gflops_per_s": round(gflops, 2), "matmul_gflops_per_s": round(matmul, 2),
-        "ratio_to_matmul": round(gflops / matmul, 3),
+        "ratio_to_matmul": round(gflops / matmul, 3), "matmul_dtype": str(matmul_dtype),
         **{f"speedup_vs_{name}": round(ref / step_s, 2) for name, ref in REFERENCE_TRAIN_STEP_S.items()},
         "loss": loss, "dtype": str(config.model.dtype), **common.device_info(),
     }
