@@ -24,7 +24,7 @@ setup(
         "tokenizers>=0.22",
         "safetensors>=0.4",
         "numpy>=2",
-        "pillow>=10",
+        "pillow>=10,<13",  # gradio 6 requires < 13
         "pyarrow>=14",
         "rich>=13",
         "tqdm>=4.66",
@@ -35,7 +35,14 @@ setup(
             "pytest-xdist>=3.5",
             "hypothesis>=6.100",
             "torch>=2.4",  # CPU build; reference for parity tests only
+            "diffusers>=0.42,<0.43",  # reference for the UnCLIP import and sampler parity tests only
+            "gradio>=6.31,<7",
+            "selenium>=4.40",  # drives Debian's headless Chromium in the web UI test
+            "nbclient>=0.10",  # executes the notebook in its test
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
         ],
+        "serve": ["gradio>=6.31,<7"],  # `dalle2-jax serve`, the web UI
     },
     entry_points={"console_scripts": ["dalle2-jax=dalle2_jax.cli:main"]},
 )
