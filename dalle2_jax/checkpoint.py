@@ -9,6 +9,8 @@ first save).
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ CHECKPOINTS_SUBDIR = "checkpoints"
 # split across replicas: the split costs one compiled slice per array and device,
 # far more than writing a small array once.
 MIN_REPLICA_PARALLEL_SLICE_BYTES = 4 << 20
+log = logging.getLogger(__name__)
 
 
 def _state_handler() -> ocp.PyTreeCheckpointHandler:
@@ -38,12 +41,32 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
     return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
+class _ElasticIteratorHandler(grain.checkpoint.CheckpointHandler):
+    """grain's handler (one JSON state per process), restoring a checkpoint written by another
+    number of processes too: the input pipelines' state counts global batches and is the same in
+    every process (dalle2_jax.data.pipeline), so any process's file positions every process."""
+
+    def restore(self, directory, item=None, args=None):
+        item = item or args.item
+        own = Path(directory) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if own.exists():
+            return super().restore(directory, item=item, args=args)
+        written = sorted(Path(directory).glob("process_*-of-*.json"))
+        if not written:
+            raise FileNotFoundError(f"data_iterator: {directory} holds no iterator state")
+        log.warning("data_iterator: %s was written by another process count; restoring every process "
+                    "from %s", directory, written[0].name)
+        item.set_state(json.loads(written[0].read_text()))
+        item.start_prefetch()
+        return item
+
+
 def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     state_handler = _state_handler()
     registry.add(STATE_ITEM, ocp.args.PyTreeSave, state_handler)
     registry.add(STATE_ITEM, ocp.args.PyTreeRestore, state_handler)
-    data_handler = grain.checkpoint.CheckpointHandler()
+    data_handler = _ElasticIteratorHandler()
     registry.add(DATA_ITEM, grain.checkpoint.CheckpointSave, data_handler)
     registry.add(DATA_ITEM, grain.checkpoint.CheckpointRestore, data_handler)
     return registry

@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prior_args(p)
 
     sub.add_parser("bench", help="benchmarks; `dalle2-jax bench --help` for modes", add_help=False)
+    sub.add_parser("launch", help="run a command as N local processes forming one JAX run: "
+                                  "launch --processes N -- train ...", add_help=False)
     return parser
 
 
@@ -94,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         from dalle2_jax.bench import main as bench_main
 
         return bench_main(argv[1:]) or 0
+    if argv and argv[0] == "launch":
+        from dalle2_jax.launch import main as launch_main
+
+        return launch_main(argv[1:])
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

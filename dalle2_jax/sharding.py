@@ -8,12 +8,14 @@ arrays or ``jax.ShapeDtypeStruct`` (parameters, EMA, optimizer state alike).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -108,10 +110,11 @@ def maybe_initialize_distributed() -> bool:
     """Call `jax.distributed.initialize()` when the environment asks for a multi-process run.
 
     DALLE2_DISTRIBUTED=1 forces it and =0 forbids it; otherwise it runs when a
-    coordinator is configured (JAX_COORDINATOR_ADDRESS), on a multi-host TPU
-    slice (several TPU_WORKER_HOSTNAMES) or under SLURM/Open MPI with several
-    tasks. Must run before anything touches a JAX backend. Returns whether JAX
-    is now running distributed.
+    coordinator is configured (JAX_COORDINATOR_ADDRESS, with JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID where no cluster manager tells them), on a multi-host TPU slice
+    (several TPU_WORKER_HOSTNAMES) or under SLURM/Open MPI with several tasks. CPU
+    processes exchange their collectives through gloo. Must run before anything touches
+    a JAX backend. Returns whether JAX is now running distributed.
     """
     if jax.distributed.is_initialized():
         return True
@@ -125,7 +128,36 @@ def maybe_initialize_distributed() -> bool:
         or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1)
     if not wanted:
         return False
-    jax.distributed.initialize()
+    num_processes = _env_int("JAX_NUM_PROCESSES")
+    process_id = _env_int("JAX_PROCESS_ID")
+    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"JAX_PROCESS_ID: expected an int in [0, {num_processes}), got {process_id}")
+    # Without it, CPU devices of different processes cannot run collectives at all; it changes
+    # nothing on TPU or GPU hosts.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(num_processes=num_processes, process_id=process_id)
     logging.info("jax.distributed initialised: process %d of %d", jax.process_index(),
                  jax.process_count())
     return True
+
+
+@contextlib.contextmanager
+def process_zero_first(name: str):
+    """Process 0 runs the block before the others (which then find and reuse what it wrote:
+    a prepared dataset, a trained tokenizer); a no-op in a single-process run."""
+    multi = jax.distributed.is_initialized() and jax.process_count() > 1
+    if multi and jax.process_index() != 0:
+        multihost_utils.sync_global_devices(name)
+    yield
+    if multi and jax.process_index() == 0:
+        multihost_utils.sync_global_devices(name)
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}: expected an int, got {value!r}") from None

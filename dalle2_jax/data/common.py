@@ -13,7 +13,7 @@ import collections
 import io
 import logging
 import os
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -38,12 +38,18 @@ class OfflineBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         super().__init__(file_format=file_format, **kwargs)
 
 
-def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
-    """`download_and_prepare` that never touches the network; returns the builder."""
-    builder.download_and_prepare(
-        download_dir=os.path.join(os.fspath(builder.data_dir_root), "downloads"),
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False),
-    )
+def prepare(make_builder: Callable[[], tfds.core.DatasetBuilder]) -> tfds.core.DatasetBuilder:
+    """`make_builder()` prepared with `download_and_prepare`, never touching the network. In a
+    multi-process run process 0 builds first and the others then open and reuse its files (a
+    builder reads what is on disk when it is made, so the others make theirs afterwards)."""
+    from dalle2_jax.sharding import process_zero_first
+
+    with process_zero_first("prepare dataset"):
+        builder = make_builder()
+        builder.download_and_prepare(
+            download_dir=os.path.join(os.fspath(builder.data_dir_root), "downloads"),
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+        )
     return builder
 
 

@@ -197,4 +197,4 @@ def build_image_folder(source_dir: str, data_dir: str, *, name: str | None = Non
                        max_size: int | None = None) -> ImageFolder:
     """Prepare (or reuse) the array_record copy of `source_dir` under `data_dir`."""
     config = image_folder_config(source_dir, name=name, max_size=max_size)
-    return common.prepare(ImageFolder(data_dir=data_dir, config=config))
+    return common.prepare(lambda: ImageFolder(data_dir=data_dir, config=config))

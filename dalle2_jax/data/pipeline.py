@@ -2,17 +2,21 @@
 
 Both iterators are built the same way:
 
-    MapDataset.source(source)[process_index::process_count]   this process's disjoint share
-      .seed(seed).shuffle().repeat(num_epochs)                 a fresh order every epoch
+    MapDataset.source(source)
+      .seed(seed).shuffle().repeat(num_epochs)                 one global order, fresh every epoch
       .map / .random_map(...)                                  per-example work, random draws
-                                                               keyed by (seed, position)
+                                                               keyed by (seed, global position)
+      .batch(batch_size)                                       this process's rows of a global batch
+      [process_index::process_count]                           are one such batch: global batch g is
+                                                               batches g*P .. g*P + P-1, in process order
       .to_iter_dataset(read_options)                           threads read ahead, in order
-      [.mp_prefetch(worker_count)]                              worker processes, in order
-      .batch(batch_size) [.map(tokenizer)]
+      [.mp_prefetch(worker_count)] [.map(tokenizer)]           worker processes, in order
 
-so a batch depends only on (seed, process, position), not on threads or
-workers: `get_state()` / `set_state()` on the returned iterator resume it
-exactly (a state restores into an iterator with the same worker_count).
+so the global batches depend only on (seed, position), not on the number of
+processes, threads or workers: P processes of batch B/P see exactly the batches
+one process of batch B sees, row for row. `get_state()` / `set_state()` on the
+returned iterator resume it exactly; its state counts the global batches taken,
+so it also restores into an iterator of another process count (elastic resume).
 """
 from __future__ import annotations
 
@@ -47,27 +51,28 @@ def _check_common(source, batch_size, seed, process_index, process_count, num_ep
         raise ValueError(f"worker_count must be a non-negative int, got {worker_count!r}")
 
 
-def _shuffled_share(source, *, seed, process_index, process_count, num_epochs) -> grain.MapDataset:
-    dataset = grain.MapDataset.source(source)[process_index::process_count]
-    return dataset.seed(int(seed)).shuffle().repeat(num_epochs)
+def _shuffled(source, *, seed, num_epochs) -> grain.MapDataset:
+    return grain.MapDataset.source(source).seed(int(seed)).shuffle().repeat(num_epochs)
 
 
-def _to_batches(dataset: grain.MapDataset, *, batch_size, drop_remainder, worker_count,
-                read_options) -> grain.IterDataset:
-    iterable = dataset.to_iter_dataset(read_options or _default_read_options(batch_size))
+def _to_batches(dataset: grain.MapDataset, *, batch_size, process_index, process_count, drop_remainder,
+                worker_count, read_options) -> grain.IterDataset:
+    """This process's batches: its rows of each global batch of batch_size * process_count."""
+    batches = dataset.batch(int(batch_size), drop_remainder=drop_remainder, batch_fn=stack_examples)
+    batches = batches[int(process_index)::int(process_count)]
+    iterable = batches.to_iter_dataset(read_options or _default_read_options())
     if worker_count > 0:
         # grain's worker start-up reads absl flags; outside an absl app nobody has parsed them.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        # Workers take elements round-robin and grain interleaves them back in order, so
-        # batching after them gives the same batches for every worker_count.
+        # Workers take batches round-robin and grain interleaves them back in order.
         iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(worker_count)))
-    return iterable.batch(int(batch_size), drop_remainder=drop_remainder, batch_fn=stack_examples)
+    return iterable
 
 
-def _default_read_options(batch_size: int) -> grain.ReadOptions:
-    return grain.ReadOptions(num_threads=min(4, os.cpu_count() or 1),
-                             prefetch_buffer_size=max(16, 2 * int(batch_size)))
+def _default_read_options() -> grain.ReadOptions:
+    # Elements are whole batches: threads prepare that many batches ahead.
+    return grain.ReadOptions(num_threads=min(4, os.cpu_count() or 1), prefetch_buffer_size=4)
 
 
 def stack_examples(examples: Sequence[dict]) -> dict[str, np.ndarray]:
@@ -226,10 +231,10 @@ def make_image_text_iterator(source, *, batch_size: int, seed: int, process_inde
         raise ValueError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {crop_scale!r}")
     if tokenizer is not None and not callable(tokenizer):
         raise ValueError(f"tokenizer must be a callable list[str] -> dict of arrays, got {tokenizer!r}")
-    dataset = _shuffled_share(source, seed=seed, process_index=process_index,
-                              process_count=process_count, num_epochs=num_epochs)
+    dataset = _shuffled(source, seed=seed, num_epochs=num_epochs)
     dataset = dataset.random_map(_ImageTransform(int(image_size), augment, bool(random_flip), (low, high)))
-    batches = _to_batches(dataset, batch_size=batch_size, drop_remainder=drop_remainder,
+    batches = _to_batches(dataset, batch_size=batch_size, process_index=process_index,
+                          process_count=process_count, drop_remainder=drop_remainder,
                           worker_count=worker_count, read_options=read_options)
     if tokenizer is not None:
         batches = batches.map(_Tokenize(tokenizer))
@@ -266,8 +271,8 @@ def make_embedding_iterator(source, *, batch_size: int, seed: int, process_index
     array of str when stored.
     """
     _check_common(source, batch_size, seed, process_index, process_count, num_epochs, worker_count)
-    dataset = _shuffled_share(source, seed=seed, process_index=process_index,
-                              process_count=process_count, num_epochs=num_epochs)
-    batches = _to_batches(dataset.map(_embedding_example), batch_size=batch_size,
-                          drop_remainder=drop_remainder, worker_count=worker_count, read_options=read_options)
+    dataset = _shuffled(source, seed=seed, num_epochs=num_epochs).map(_embedding_example)
+    batches = _to_batches(dataset, batch_size=batch_size, process_index=process_index,
+                          process_count=process_count, drop_remainder=drop_remainder,
+                          worker_count=worker_count, read_options=read_options)
     return iter(batches)

@@ -232,7 +232,7 @@ class Shapes(common.OfflineBuilder, skip_registration=True):
 
 def build_shapes(data_dir: str, **config_kwargs) -> Shapes:
     """Prepare (or reuse) the shapes dataset under `data_dir`; kwargs as `shapes_config`."""
-    return common.prepare(Shapes(data_dir=data_dir, config=shapes_config(**config_kwargs)))
+    return common.prepare(lambda: Shapes(data_dir=data_dir, config=shapes_config(**config_kwargs)))
 
 
 # ----------------------------------------------------------------------------------------------

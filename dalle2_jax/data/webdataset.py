@@ -156,5 +156,5 @@ class WebDataset(common.OfflineBuilder, skip_registration=True):
 def build_webdataset(shards: str | Sequence[str], data_dir: str, *, name: str | None = None,
                      max_size: int | None = None) -> WebDataset:
     """Prepare (or reuse) the array_record copy of the shards under `data_dir`."""
-    return common.prepare(WebDataset(data_dir=data_dir, config=webdataset_config(
+    return common.prepare(lambda: WebDataset(data_dir=data_dir, config=webdataset_config(
         shards, name=name, max_size=max_size)))

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import pkgutil
+import sys
+import traceback
 from typing import Sequence
 
 from dalle2_jax import config_util, sharding
@@ -50,7 +53,18 @@ def run_train(stage: str, config_spec: str, workdir: str, overrides: Sequence[st
     stage's task and train it in `workdir` (resuming if it holds checkpoints)."""
     if not workdir:
         raise ValueError(f"workdir: expected a directory path, got {workdir!r}")
-    sharding.maybe_initialize_distributed()
-    config = config_util.load_config(config_spec, overrides)
-    task = make_task(stage, config, workdir)
-    return loop.train(task, config, workdir)
+    distributed = sharding.maybe_initialize_distributed()
+    try:
+        config = config_util.load_config(config_spec, overrides)
+        task = make_task(stage, config, workdir)
+        return loop.train(task, config, workdir)
+    except BaseException:
+        if not distributed:
+            raise
+        # A failed process of a multi-process run exits now: at interpreter exit
+        # jax.distributed would wait minutes at its shutdown barrier for peers that are
+        # themselves blocked in a collective with this process.
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
