@@ -147,12 +147,13 @@ def test_elastic_resume_two_processes_into_one_process_of_two_devices(runs):
     """The 2 x 4 run's first checkpoint restores into 1 process x 2 devices; training goes on
     from the same global batch (the iterator state counts global batches) to the same end."""
     workdir = runs["root"] / "elastic" / "clip"
-    every, total = runs["every"], runs["total"]
-    _copy_checkpoint(runs["two"], workdir, every)
+    total = runs["total"]
+    every = _copy_checkpoint(runs["two"], workdir)
     _run([sys.executable, "-m", "dalle2_jax.cli",
           *_train_args(workdir, runs["data_dir"], total, every)], devices=2)
     log = metrics.read_metrics(workdir)
     assert [r["step"] for r in log] == list(range(every + 1, total + 1))
+    assert every < total
     reference = {r["step"]: r["loss"] for r in metrics.read_metrics(runs["two"])}
     # The step after the restore sees the global batch the uninterrupted run saw there.
     np.testing.assert_allclose([r["loss"] for r in log], [reference[r["step"]] for r in log], rtol=2e-3)
@@ -162,8 +163,8 @@ def test_elastic_resume_two_processes_into_one_process_of_two_devices(runs):
 @pytest.mark.heavy
 def test_elastic_resume_data8_into_data2_fsdp2(runs):
     workdir = runs["root"] / "fsdp" / "clip"
-    every, total = runs["every"], runs["total"]
-    _copy_checkpoint(runs["one"], workdir, every)
+    total = runs["total"]
+    every = _copy_checkpoint(runs["one"], workdir)
     _run([sys.executable, "-m", "dalle2_jax.cli",
           *_train_args(workdir, runs["data_dir"], total, every, **{"mesh.data": 2, "mesh.fsdp": 2,
                                                                   "mesh.min_fsdp_size": 64})], devices=4)
@@ -174,13 +175,16 @@ def test_elastic_resume_data8_into_data2_fsdp2(runs):
     _assert_trees(_final(workdir), _final(runs["one"]), exact=False)
 
 
-def _copy_checkpoint(source_workdir, workdir, step):
-    """A workdir holding only `step`'s checkpoint of source_workdir (and its tokenizer)."""
+def _copy_checkpoint(source_workdir, workdir):
+    """A workdir holding only the earliest kept checkpoint of source_workdir (and its
+    tokenizer); returns that checkpoint's step."""
     import shutil
 
+    step = min(checkpoint_steps(source_workdir / "checkpoints"))
     workdir.mkdir(parents=True)
     shutil.copytree(source_workdir / "tokenizer", workdir / "tokenizer")
     shutil.copytree(source_workdir / "checkpoints" / str(step), workdir / "checkpoints" / str(step))
+    return step
 
 
 def test_global_batches_do_not_depend_on_the_process_count(tmp_path):
