@@ -139,7 +139,8 @@ def test_processes_get_disjoint_shares_that_cover_the_data(source):
             source, batch_size=4, seed=0, image_size=8, process_index=process_index, process_count=3,
             num_epochs=1, drop_remainder=False)
         shares.append(list(itertools.chain.from_iterable(_ids(b) for b in iterator)))
-    assert [len(s) for s in shares] == [7, 7, 6]
+    # 20 examples in batches of 4: global batches 0-4, process i takes batches i, i + 3, ...
+    assert [len(s) for s in shares] == [8, 8, 4]
     counts = collections.Counter(itertools.chain.from_iterable(shares))
     assert sorted(counts) == list(range(NUM_EXAMPLES)) and set(counts.values()) == {1}
 
