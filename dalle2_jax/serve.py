@@ -276,7 +276,7 @@ def build_demo(pipe: UnCLIPPipeline):
                 with gr.Column():
                     editor = gr.ImageEditor(label="image: paint the region to replace", type="filepath",
                                             sources=["upload", "clipboard"], layers=False, transforms=(),
-                                            brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                                            brush=gr.Brush(colors=["rgba(255, 0, 255, 0.6)"], color_mode="fixed"),
                                             elem_id="inpainting-editor")
                     prompt = gr.Textbox(label="caption of the new content", value="a blue square",
                                         elem_id="inpainting-prompt")

@@ -12,9 +12,14 @@ from webui_browser import (chromium, element, gallery_images, resources_off_host
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory):
+def tiny():
+    return tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory, tiny):
     root = tmp_path_factory.mktemp("serve")
-    tiny_pipeline().save_pretrained(root / "model")
+    tiny.save_pretrained(root / "model")
     with served(root / "model", root / "serve.log") as (url, log), chromium() as driver:
         driver.get(url)
         element(driver, "#t2i-run", timeout=60)
@@ -62,6 +67,13 @@ def test_bad_input_shows_the_pipelines_message_and_the_server_keeps_serving(page
     driver.find_element("xpath", "//button[@role='tab'][normalize-space()='Text to image']").click()
     status, images = generate(driver, "a blue square", seed=3)
     assert status.startswith("2 images") and images[0].shape == (OUT, OUT, 3), status
+
+
+def test_every_request_waits_for_the_one_pipeline_slot(tiny):
+    demo = serve.build_demo(tiny)
+    events = [fn for fn in demo.fns.values() if fn.fn is not None]
+    assert sorted(fn.api_name for fn in events) == ["generate", "inpaint", "interpolate", "text_diff", "variations"]
+    assert {(fn.concurrency_id, fn.concurrency_limit) for fn in events} == {("pipeline", 1)}
 
 
 def test_handlers_turn_page_values_into_pipeline_arguments(tmp_path):

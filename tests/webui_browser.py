@@ -176,22 +176,20 @@ def resources_off_host(driver, base_url: str) -> list[str]:
             if not name.startswith(base_url.rstrip("/")) and not name.startswith(("data:", "blob:"))]
 
 
-def draw_rectangle(driver, css: str, box=(0.3, 0.3, 0.7, 0.7)) -> None:
-    """Paint a filled rectangle (fractions of the canvas: left, top, right, bottom) with the brush."""
+def draw_rectangle(driver, css: str, half_width: int = 30, half_height: int = 40) -> None:
+    """Paint a filled rectangle with the brush, centred on the editor's canvas (where the image
+    is shown), in strokes of small steps as a hand would."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
+    driver.find_element(By.CSS_SELECTOR, f"{css} button[aria-label=Brush]").click()
     canvas = max(driver.find_elements(By.CSS_SELECTOR, f"{css} canvas"),
                  key=lambda c: c.size["width"] * c.size["height"])
-    width, height = canvas.size["width"], canvas.size["height"]
-    left, top, right, bottom = box
-    actions = ActionChains(driver)
-    y = top
-    while y <= bottom:
-        actions.move_to_element_with_offset(canvas, int((left - 0.5) * width), int((y - 0.5) * height))
-        actions.click_and_hold().move_by_offset(int((right - left) * width), 0).release()
-        y += 0.04
-    actions.perform()
+    for dy in range(-half_height, half_height + 1, 6):
+        actions = ActionChains(driver).move_to_element_with_offset(canvas, -half_width, dy).click_and_hold()
+        for _ in range(2 * half_width // 6):
+            actions.move_by_offset(6, 0)
+        actions.release().perform()
 
 
 def screenshots(model: str, out_dir: Path, work: Path) -> None:
@@ -204,10 +202,12 @@ def screenshots(model: str, out_dir: Path, work: Path) -> None:
     Image.fromarray(red).save(work / "red.png")
     Image.fromarray(blue).save(work / "blue.png")
     del pipe
-    with served(model, work / "serve.log") as (url, _), chromium((1280, 900)) as driver:
+    with served(model, work / "serve.log") as (url, _), chromium((1280, 1000)) as driver:
         driver.get(url)
         set_text(driver, "#t2i-captions textarea", "a red circle\na green triangle\na blue square")
         print("t2i:", run_and_wait(driver, "t2i"))
+        driver.execute_script("window.scrollTo(0, 0)")
+        time.sleep(1)
         driver.save_screenshot(str(out_dir / "webui_text_to_image.png"))
         for tab, label, inputs in (("variations", "Variations", [("#variations-image", "red.png")]),
                                    ("interpolation", "Interpolation", [("#interpolation-image-a", "red.png"),
@@ -221,6 +221,7 @@ def screenshots(model: str, out_dir: Path, work: Path) -> None:
                 time.sleep(1)
                 draw_rectangle(driver, "#inpainting-editor")
             print(f"{tab}:", run_and_wait(driver, tab))
+            driver.execute_script("window.scrollTo(0, 0)")
             time.sleep(1)
             driver.save_screenshot(str(out_dir / f"webui_{tab.replace('-', '_')}.png"))
 
