@@ -194,14 +194,13 @@ def draw_rectangle(driver, css: str, half_width: int = 30, half_height: int = 40
 
 def screenshots(model: str, out_dir: Path, work: Path) -> None:
     """Each tab after a run on `model`, as docs/webui_<tab>.png."""
-    from dalle2_jax.pipeline import UnCLIPPipeline
+    from dalle2_jax.data import shapes
 
     work.mkdir(parents=True, exist_ok=True)
-    pipe = UnCLIPPipeline.from_pretrained(model)
-    red, blue = pipe.generate(["a red circle", "a blue square"], seed=3)
-    Image.fromarray(red).save(work / "red.png")
-    Image.fromarray(blue).save(work / "blue.png")
-    del pipe
+    for name, colour, shape in (("red", "red", "circle"), ("blue", "blue", "square")):
+        image = shapes.render_shape(colour, shape, diameter=28.0, center=(32.0, 32.0), background="white",
+                                    image_size=64)
+        Image.fromarray(image).save(work / f"{name}.png")
     with served(model, work / "serve.log") as (url, _), chromium((1280, 1000)) as driver:
         driver.get(url)
         set_text(driver, "#t2i-captions textarea", "a red circle\na green triangle\na blue square")
