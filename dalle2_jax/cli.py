@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: this machine only; 0.0.0.0 serves the network)")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--share", action="store_true", help="also open a public *.gradio.live link through gradio's servers")
+    p.add_argument("--share", action="store_true",
+                   help="also open a public *.gradio.live link through gradio's servers")
     _add_cache_args(p)
 
     sub.add_parser("bench", help="benchmarks; `dalle2-jax bench --help` for modes", add_help=False)

@@ -62,7 +62,8 @@ def test_every_cell_runs_and_every_figure_has_its_size(tmp_path):
     assert all(cell.execution_count is not None for cell in code)
     assert not [out for cell in code for out in cell.outputs if out.output_type == "error"]
     figures = [cell for cell in code if "figure" in cell.metadata.get("tags", [])]
-    assert [cell.source.splitlines()[0].removeprefix("# @title ").split(" {")[0] for cell in figures] == [f[0] for f in FIGURES]
+    titles = [cell.source.splitlines()[0].removeprefix("# @title ").split(" {")[0] for cell in figures]
+    assert titles == [title for title, _ in FIGURES]
     for cell, (title, size) in zip(figures, FIGURES):
         pngs = [out["data"]["image/png"] for out in cell.outputs if "image/png" in out.get("data", {})]
         assert len(pngs) == 1, f"{title}: {len(pngs)} images"
