@@ -28,9 +28,9 @@ try:
     import gradio as gr
 except ImportError:
     raise ImportError("dalle2-jax serve needs gradio: pip install 'dalle2-jax[serve]'") from None
+
 MAX_IMAGES = 8
 MAX_FRAMES = 9
-
 
 
 def captions_from_text(text: str) -> list[str]:
@@ -193,7 +193,8 @@ def build_demo(pipe: UnCLIPPipeline):
     def upload(label: str, elem_id: str):
         return gr.Image(label=label, type="filepath", sources=["upload", "clipboard"], elem_id=elem_id)
 
-    with gr.Blocks(title="dalle2-jax", analytics_enabled=False) as demo:
+    # Result PNGs older than a day are deleted (checked hourly): a long-running server stays small.
+    with gr.Blocks(title="dalle2-jax", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"## dalle2-jax: unCLIP\nStages: {', '.join(s.name for s in pipe.stages)}; "
                     f"outputs {size}x{size}. Requests run one at a time; the first one compiles.")
         with gr.Tab("Text to image", id="t2i"):
