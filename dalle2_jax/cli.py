@@ -21,6 +21,14 @@ def _add_prior_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prior-guidance", type=float, default=None, help="prior classifier-free guidance scale")
 
 
+def _add_cache_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--cache-dir", default=None,
+                       help="JAX compilation cache, so that a second run with the same model and shapes does not "
+                            "compile again (default: $DALLE2_JAX_CACHE_DIR, else ~/.cache/dalle2-jax/xla)")
+    group.add_argument("--no-cache", action="store_true", help="compile without the persistent compilation cache")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dalle2-jax",
@@ -56,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="+", help="one or more captions")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     _add_model_args(p)
+    _add_cache_args(p)
     _add_prior_args(p)
 
     p = sub.add_parser("variations", help="variations of an image (CLIP image embedding -> decoder)")
@@ -63,12 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=4)
     p.add_argument("--invert", action="store_true", help="start from the image's own DDIM-inverted x_T")
     _add_model_args(p)
+    _add_cache_args(p)
 
     p = sub.add_parser("interpolate", help="slerp between two images' CLIP embeddings")
     p.add_argument("image_a")
     p.add_argument("image_b")
     p.add_argument("--num-frames", type=int, default=5)
     _add_model_args(p)
+    _add_cache_args(p)
 
     p = sub.add_parser("text-diff", help="move an image along the text diff of two captions")
     p.add_argument("image")
@@ -76,13 +87,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target_caption")
     p.add_argument("--num-frames", type=int, default=5)
     _add_model_args(p)
+    _add_cache_args(p)
 
     p = sub.add_parser("inpaint", help="resample the masked region, conditioned on a caption")
     p.add_argument("image")
     p.add_argument("mask", help="mask image: white (or nonzero) where the image is replaced")
     p.add_argument("prompt")
     _add_model_args(p)
+    _add_cache_args(p)
     _add_prior_args(p)
+
+    p = sub.add_parser("serve", help="web UI (gradio) over a pipeline directory",
+                       description="One page with a tab per pipeline method; requests run one at a time.")
+    p.add_argument("--model", required=True, help="pipeline directory (from `dalle2-jax export` or the demo)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: this machine only; 0.0.0.0 serves the network)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true",
+                   help="also open a public *.gradio.live link through gradio's servers")
+    _add_cache_args(p)
 
     sub.add_parser("bench", help="benchmarks; `dalle2-jax bench --help` for modes", add_help=False)
     sub.add_parser("launch", help="run a command as N local processes forming one JAX run: "
@@ -106,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
+    if hasattr(args, "no_cache"):  # the commands that sample: before anything compiles
+        from dalle2_jax import compile_cache
+
+        try:
+            compile_cache.cache_from_args(args.cache_dir, args.no_cache)
+        except ValueError as error:
+            parser.error(str(error))
+
     if args.command == "train":
         bad = [a for a in extra if not a.startswith("--config.")]
         if bad:
@@ -126,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         from dalle2_jax.pipeline import export_pipeline
 
         export_pipeline(args.workdir, args.out)
+    elif args.command == "serve":
+        from dalle2_jax.serve import serve
+
+        try:
+            serve(args.model, host=args.host, port=args.port, share=args.share)
+        except (ValueError, FileNotFoundError) as error:
+            raise SystemExit(f"dalle2-jax serve: error: {error}") from None
     else:
         from dalle2_jax.pipeline_cli import run_pipeline_command
 

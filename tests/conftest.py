@@ -11,6 +11,9 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Keep each pytest-xdist worker to one intra-op thread pool of modest size.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The CLI turns JAX's persistent compilation cache on (~/.cache/dalle2-jax/xla): tests that
+# want it name their own directory.
+os.environ.setdefault("DALLE2_JAX_CACHE_DIR", "off")
 
 import dalle2_jax  # noqa: E402,F401  (adds the project's XLA:CPU flags before the backend starts)
 

@@ -179,6 +179,7 @@ def test_bad_inputs_name_the_argument(pipe, tmp_path):
         (lambda: pipe.inpaint(image, np.zeros((8, 8), bool), "a blue square"), ValueError, "mask"),
         (lambda: pipe.inpaint(image, np.zeros(image.shape[:2], np.float32), "a blue square"), ValueError, "mask"),
         (lambda: pipe.inpaint(image, np.zeros(image.shape[:2], bool), ""), ValueError, "prompt"),
+        (lambda: pipe.inpaint(image, np.zeros(image.shape[:2], bool), "a blue square"), ValueError, "empty mask"),
     ]
     for call, error, name in cases:
         with pytest.raises(error, match=name):

@@ -486,6 +486,8 @@ class UnCLIPPipeline:
         picture = one_image(image, "image")
         region = load_mask(mask, "mask", picture.shape[:2])
         prompt = check_caption(prompt, "prompt")
+        if not region.any():
+            raise ValueError("mask: expected at least one pixel to replace (True / nonzero), got an empty mask")
         seed = check_seed(seed)
         num_images = check_count(num_images, "num_images")
         jump_length = check_count(jump_length, "jump_length")
