@@ -308,7 +308,11 @@ def recorded(monkeypatch):
     def spy(kind, original):
         def record(*args, **kwargs):
             out = original(*args, **kwargs)
-            bound = inspect.signature(original).bind(*args, **kwargs).arguments
+            signature = inspect.signature(original)
+            bound = dict(signature.bind(*args, **kwargs).arguments)
+            for name, parameter in signature.parameters.items():  # **kwargs flattened
+                if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                    bound.update(bound.pop(name, {}))
             arrays = {k: np.asarray(v) for k, v in bound.items()
                       if isinstance(v, (np.ndarray, jax.Array)) and k != "rng"}
             calls[kind].append({**arrays, "drop_text": bound.get("drop_text", False), "out": np.asarray(out)})
