@@ -72,6 +72,24 @@ FULL_SETTINGS = {
 }
 # Sampling steps of the quick run's samples (the full run's come from its stage configs).
 QUICK_SAMPLING = dict(prior_steps=4, decoder_steps=4, upsampler_steps=3)
+# What the report must show, per mode (`check_floors`): (section, key, "min" or "max", bound), a
+# difference when the key is a pair (value of the first minus the second). The full run's bounds
+# sit well inside its measured values (README: CLIP zero-shot test acc 98.4%, chance 1/18; prior
+# cosine 0.972 against the text-embedding baseline's 0.655; colour judged right 98.6%, chance 1/6;
+# shape 83.3%, chance 1/3; inversion round trip through the upsampler 0.107, 2.0 the largest
+# possible, ~0.9 for noise) and far outside chance. The quick run learns nothing (seed 0: CLIP test
+# acc 0.05, prior cosine 0.03 against the baseline's 0.24, colour 0.17, images pure noise, round
+# trip through the untrained upsampler 0.88), so those numbers carry no signal there; the decoder's
+# own DDIM round trip does (inversion is exact whatever the network: measured 0.0 in uint8).
+FLOORS = {
+    "full": (("clip", "test/acc", "min", 0.5),
+             ("prior", ("test/prior_cos", "test/baseline_cos"), "min", 0.1),
+             ("generation", "colour_acc", "min", 0.6),
+             ("generation", "shape_acc", "min", 0.5),
+             (None, "inversion_mean_abs_error", "max", 0.3),
+             (None, "decoder_inversion_mean_abs_error", "max", 0.3)),
+    "quick": ((None, "decoder_inversion_mean_abs_error", "max", 0.02),),
+}
 QUICK_MODELS = {  # smaller networks in the quick run: less to compile
     "clip": dict(text_depth=1, vision_depth=1),
     "prior": dict(depth=1, width=64),
@@ -167,7 +185,7 @@ def _samples(pipe, out: Path, seed: int, quick: bool) -> dict[str, Any]:
     compiled programs are shared between the calls.
     """
     from dalle2_jax.data import shapes
-    from dalle2_jax.pipeline import to_float
+    from dalle2_jax.pipeline import square_image, to_float
     from dalle2_jax.training.metrics import write_image_grid
 
     sampling = QUICK_SAMPLING if quick else {}
@@ -196,6 +214,14 @@ def _samples(pipe, out: Path, seed: int, quick: bool) -> dict[str, Any]:
     if pipe.image_size == IMAGE_SIZE:
         # Frame 0 decodes the image's own embedding from its inverted x_T with DDIM eta 0: the round trip.
         measured["inversion_mean_abs_error"] = float(np.mean(np.abs(to_float(diff[0]) - to_float(red_circle))))
+    # The decoder's own round trip, before any upsampler: exact inversion does not need a trained
+    # decoder, so unlike the error above (through the upsampler) it carries signal in the quick run too.
+    decoder_only = type(pipe)([pipe.clip, pipe.prior, pipe.decoder], pipe.tokenizer)
+    size = decoder_only.image_size
+    rebuilt = decoder_only.variations(red_circle, num_images=ROWS, seed=seed, invert=True, eta=0.0,
+                                      **{k: v for k, v in frame_options.items() if k != "upsampler_steps"})
+    measured["decoder_inversion_mean_abs_error"] = float(
+        np.mean(np.abs(to_float(rebuilt[0]) - to_float(square_image(red_circle, size)))))
 
     left_circle = _test_image("red", "circle", center=(18.0, 32.0))
     mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
@@ -205,6 +231,22 @@ def _samples(pipe, out: Path, seed: int, quick: bool) -> dict[str, Any]:
     write_image_grid(out / "inpainting.png", np.concatenate([left_circle[None], mask_image[None], inpainted]),
                      ncols=ROWS + 2)
     return measured
+
+
+def check_floors(report: dict[str, Any]) -> list[str]:
+    """The FLOORS of the report's mode that it misses (a missing value misses), as sentences."""
+    missed = []
+    for section, key, kind, bound in FLOORS[report["mode"]]:
+        values = (report.get(section) or {}) if section else report
+        keys = key if isinstance(key, tuple) else (key,)
+        name = " - ".join(f"{section}.{k}" if section else k for k in keys)
+        if any(not isinstance(values.get(k), (int, float)) for k in keys):
+            missed.append(f"{name}: not measured")
+            continue
+        value = values[keys[0]] - (values[keys[1]] if len(keys) == 2 else 0.0)
+        if not (value >= bound if kind == "min" else value <= bound):
+            missed.append(f"{name} = {value:.4g}, expected {'>=' if kind == 'min' else '<='} {bound}")
+    return missed
 
 
 def _write_report(workdir: Path, report: dict[str, Any]) -> None:
@@ -223,9 +265,14 @@ def _write_report(workdir: Path, report: dict[str, Any]) -> None:
     if "inversion_mean_abs_error" in report:
         lines += [f"Inversion round trip (DDIM eta 0), mean abs error in [-1, 1] units: "
                   f"{report['inversion_mean_abs_error']:.4f}", ""]
+    if "decoder_inversion_mean_abs_error" in report:
+        lines += ["Decoder alone (no upsampler), the same round trip: "
+                  f"{report['decoder_inversion_mean_abs_error']:.4f}", ""]
     if "text_diff_last_frame" in report:
         frame = report["text_diff_last_frame"]
         lines += [f"Text diff, last frame judged as: {frame.get('colour')} {frame.get('shape')}", ""]
+    missed = report.get("floors_missed", [])
+    lines += [f"Floors ({report['mode']} run): " + ("all met" if not missed else "MISSED: " + "; ".join(missed)), ""]
     lines += ["## time per stage", "", "| stage | seconds | CPU seconds |", "|---|---|---|"]
     lines += [f"| {stage} | {seconds:.1f} | {report['cpu_seconds'][stage]:.1f} |"
               for stage, seconds in report["seconds"].items()]
@@ -293,6 +340,7 @@ def run_demo(workdir: str | os.PathLike = "runs/demo", quick: bool = False, seed
     report["samples"] = sorted(str(p.relative_to(root)) for p in samples_dir.glob("*.png"))
     for name in ("clip", "prior", "decoder", "upsampler"):
         report[name] = _last_eval(root / name)
+    report["floors_missed"] = check_floors(report)
     _write_report(root, report)
     _print_summary(console, report)
     return report
@@ -313,4 +361,6 @@ def _print_summary(console: Console, report: dict[str, Any]) -> None:
         table.add_row(name, "-" if value is None else f"{value:.3f}")
     table.add_row("total time (s)", f"{sum(report['seconds'].values()):.0f}")
     console.print(table)
+    for missed in report["floors_missed"]:
+        console.log(f"[bold red]below the {report['mode']} run's floor:[/] {missed}")
     console.log(f"report: {report['workdir']}/report.md")

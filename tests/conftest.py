@@ -29,6 +29,16 @@ def pytest_report_header(config):
     return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}, CI={IN_CI}"
 
 
+PARITY_REFERENCES = ("parity_transformers", "parity_numpy", "parity_diffusers")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`-m parity` selects every parity test; `-m parity_numpy` (etc.) those against one reference."""
+    for item in items:
+        if any(item.get_closest_marker(name) for name in PARITY_REFERENCES) and not item.get_closest_marker("parity"):
+            item.add_marker(pytest.mark.parity)
+
+
 @pytest.fixture(scope="session")
 def scale():
     """Size factor for `heavy` tests: 1.0 locally, smaller in CI (never 0: they always run)."""

@@ -29,6 +29,7 @@ def _numpy_attention(q, k, v, mask):
 
 # block_bytes 1: one (batch, head) pair per block (a lax.map over 6 blocks); 2 KB: 2 pairs a block
 # (12 x 17 x 4 bytes each); the default: everything in one block.
+@pytest.mark.parity_numpy
 @pytest.mark.parametrize("block_bytes", [1, 2048, attention.DEFAULT_BLOCK_BYTES])
 def test_blocked_equals_dense_and_numpy_with_gradients(block_bytes):
     q, k, v, mask = _inputs()

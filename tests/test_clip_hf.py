@@ -13,7 +13,7 @@ from flax import traverse_util
 from dalle2_jax.convert.hf_clip import load_hf_clip
 from dalle2_jax.models.clip import CLIP
 
-pytestmark = pytest.mark.parity
+pytestmark = pytest.mark.parity_transformers
 
 VOCAB, EOS, CONTEXT, IMAGE = 1000, 999, 16, 32
 

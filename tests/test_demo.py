@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dalle2_jax import UnCLIPPipeline, cli
+from dalle2_jax import UnCLIPPipeline, cli, demo
 from dalle2_jax.demo import ROWS
 
 
@@ -30,6 +30,9 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     for key in ("test/prior_cos", "test/baseline_cos", "test_unseen/prior_cos"):
         assert -1.0 <= report["prior"][key] <= 1.0
     assert 0.0 <= report["inversion_mean_abs_error"] <= 2.0
+    # What carries signal in a run that learns nothing (demo.FLOORS): the decoder's exact DDIM round trip.
+    assert report["floors_missed"] == [] and demo.check_floors(report) == []
+    assert report["decoder_inversion_mean_abs_error"] <= 0.02  # measured 0.0 (seed 0)
     assert "report.md" in {p.name for p in workdir.iterdir()}
 
     pipe = UnCLIPPipeline.from_pretrained(workdir / "pipeline")
@@ -48,3 +51,27 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     for k in range(ROWS):
         sample = grid[:, (k + 2) * size:(k + 3) * size]
         np.testing.assert_array_equal(sample[:, :size // 2], original[:, :size // 2])
+
+
+FULL_RUN = {  # the full run's measurements (README, seed 0), the decoder's own round trip not yet measured
+    "mode": "full", "clip": {"test/acc": 0.984}, "prior": {"test/prior_cos": 0.972, "test/baseline_cos": 0.655},
+    "generation": {"colour_acc": 0.986, "shape_acc": 0.833}, "inversion_mean_abs_error": 0.107,
+    "decoder_inversion_mean_abs_error": 0.107}
+QUICK_RUN = {  # what `demo --quick --seed 0` measured: every stage at chance, images pure noise
+    "mode": "quick", "clip": {"test/acc": 0.05}, "prior": {"test/prior_cos": 0.030, "test/baseline_cos": 0.239},
+    "generation": {"colour_acc": 0.167, "shape_acc": 0.389}, "inversion_mean_abs_error": 0.879,
+    "decoder_inversion_mean_abs_error": 0.0}
+
+
+def test_floors_pass_the_measured_runs_and_fail_chance():
+    assert demo.check_floors(FULL_RUN) == [] and demo.check_floors(QUICK_RUN) == []
+    at_chance = dict(QUICK_RUN, mode="full")  # a full run that learned nothing
+    missed = demo.check_floors(at_chance)
+    assert [line.split(" ")[0] for line in missed] == [
+        "clip.test/acc", "prior.test/prior_cos", "generation.colour_acc", "generation.shape_acc",
+        "inversion_mean_abs_error"], missed
+    assert "-0.2" in missed[1] and ">= 0.1" in missed[1]  # the prior's margin over its baseline
+    # A round trip that decodes from the wrong x_T: noise-level error (0.88 through the untrained upsampler).
+    assert demo.check_floors(dict(QUICK_RUN, decoder_inversion_mean_abs_error=0.5)) == [
+        "decoder_inversion_mean_abs_error = 0.5, expected <= 0.02"]
+    assert demo.check_floors({"mode": "quick"}) == ["decoder_inversion_mean_abs_error: not measured"]

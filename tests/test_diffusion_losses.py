@@ -52,6 +52,7 @@ def with_variance(prediction, v):
     return jnp.concatenate([prediction, jnp.broadcast_to(v, prediction.shape).astype(prediction.dtype)], axis=-1)
 
 
+@pytest.mark.parity_numpy
 @pytest.mark.parametrize("objective", ["eps", "x0", "v"])
 def test_mse_targets(sched, objective):
     x_start, x_t, t, noise = every_step_batch(sched, 0)
@@ -78,6 +79,7 @@ def test_vlb_vanishes_for_the_true_posterior(sched, objective):
     assert vlb[0] > 0.1  # t = 0 is the decoder NLL of a Gaussian as wide as a pixel bin, not a KL
 
 
+@pytest.mark.parity_numpy
 @pytest.mark.parametrize("v", [-1.0, 1.0, 0.3])
 def test_vlb_equals_closed_form_kl(sched, ref, v):
     """eps prediction off by delta: the model mean moves by -coef1 * sqrt(1/abar - 1) * delta."""
@@ -100,6 +102,7 @@ def test_vlb_equals_closed_form_kl(sched, ref, v):
     np.testing.assert_allclose(got["vlb"], kl / math.log(2), rtol=2e-3)
 
 
+@pytest.mark.parity_numpy
 @pytest.mark.parametrize("v", [-1.0, 1.0])
 def test_decoder_nll_at_step_zero_matches_scipy(sched, ref, v):
     levels = np.array([-1.0, -1 + 2 / 255, -0.5 - 1 / 255, 0.0 + 1 / 255, 0.6 + 1 / 255, 1 - 2 / 255, 1.0])
@@ -120,6 +123,7 @@ def test_decoder_nll_at_step_zero_matches_scipy(sched, ref, v):
     np.testing.assert_allclose(got["vlb"], want, rtol=1e-4)
 
 
+@pytest.mark.parity_numpy
 def test_gaussian_decoder_nll_for_vectors(sched, ref):
     rng = np.random.default_rng(4)
     x_start = rng.standard_normal((3, 8)) * 2.0  # embeddings: continuous and not in [-1, 1]
@@ -181,6 +185,7 @@ def test_vlb_trains_only_the_variance(sched):
     assert np.abs(np.asarray(loss_var_grad)).max() > 1e-3
 
 
+@pytest.mark.parity_numpy
 def test_min_snr_weighting_is_the_clipped_snr_times_the_x0_error(sched):
     """Min-SNR-gamma: whatever the objective, "loss" = min(SNR_t, gamma) * |x0 - x0_hat|^2 for the
     output that implies the same x0_hat; "mse" stays the objective's unweighted error."""

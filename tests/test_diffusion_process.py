@@ -29,6 +29,7 @@ def ref():
     return dict(betas=betas, abar=abar, abar_prev=abar_prev)
 
 
+@pytest.mark.parity_numpy
 def test_q_sample_matches_reference_and_statistics(sched, ref):
     x0 = np.array([0.7, -0.3, 1.2], np.float32)
     n = 100_000
@@ -51,6 +52,7 @@ def test_q_sample_matches_reference_and_statistics(sched, ref):
     np.testing.assert_allclose(log_var, np.log(np.broadcast_to(1 - a, (len(STEPS), 3))), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parity_numpy
 def test_posterior_is_bayes_rule(sched, ref):
     """q(x_{t-1} | x_t, x_0) from precision-weighting q(x_t | x_{t-1}) and q(x_{t-1} | x_0)."""
     rng = np.random.default_rng(0)
@@ -69,6 +71,7 @@ def test_posterior_is_bayes_rule(sched, ref):
     np.testing.assert_allclose(got_log_var, np.log(np.broadcast_to(var, x0.shape)), rtol=1e-5)
 
 
+@pytest.mark.parity_numpy
 def test_posterior_log_variance_is_clipped_at_step_zero(sched, ref):
     var1 = ref["betas"][1] * (1 - ref["abar"][0]) / (1 - ref["abar"][1])
     zeros = jnp.zeros((1, 2))
@@ -77,6 +80,7 @@ def test_posterior_log_variance_is_clipped_at_step_zero(sched, ref):
     np.testing.assert_allclose(log_var, np.full((1, 2), np.log(var1)), rtol=1e-6)
 
 
+@pytest.mark.parity_numpy
 def test_eps_x0_v_conversions_round_trip(sched, ref):
     rng = np.random.default_rng(1)
     x0 = rng.standard_normal((len(STEPS), 5))
@@ -125,6 +129,7 @@ def test_model_predictions_agree_across_objectives(sched, objective):
     np.testing.assert_allclose(log_var, want_log_var, rtol=1e-6)
 
 
+@pytest.mark.parity_numpy
 def test_learned_range_and_fixed_variances(sched, ref):
     t = jnp.array([0, 1, 500, 999])
     x_t = jnp.zeros((4, 3))
@@ -143,6 +148,7 @@ def test_learned_range_and_fixed_variances(sched, ref):
     np.testing.assert_allclose(log_var[:, 0], small, rtol=1e-5)
 
 
+@pytest.mark.parity_numpy
 def test_clipping_and_dynamic_thresholding(sched):
     t = jnp.array([100, 100])
     x0 = jnp.stack([jnp.linspace(-3.0, 3.0, 101), jnp.linspace(-0.5, 0.5, 101)])

@@ -18,6 +18,7 @@ def reference_cosine_alpha_bar(t_frac, s=0.008):
     return np.cos((t_frac + s) / (1 + s) * np.pi / 2) ** 2
 
 
+@pytest.mark.parity_numpy
 def test_cosine_betas_follow_the_alpha_bar_ratio():
     T = 1000
     betas = diffusion.cosine_betas(T)
@@ -40,6 +41,7 @@ def test_linear_betas_are_scaled_to_any_length(T):
     np.testing.assert_allclose(np.diff(betas), np.full(T - 1, np.diff(betas).mean()), rtol=1e-9)
 
 
+@pytest.mark.parity_numpy
 def test_schedule_fields_match_float64_reference(cosine):
     betas = diffusion.cosine_betas(1000)
     abar = np.cumprod(1 - betas)

@@ -286,3 +286,117 @@ def test_prior_trained_on_cut_text_sees_only_those_positions(pipe):
         with_prior(text_len).generate(["a red circle", "a small red circle"], **options)
     with pytest.raises(ValueError, match=r"prompt:.*config.data.text_len"):
         with_prior(text_len).inpaint(sample_image(), np.ones((20, 24), bool), "a small red circle", **options)
+
+
+# ---------------------------------------------------------------- what each operation means
+# Random weights decode noise-dominated images (a random CLIP puts the variations of two seeds of one
+# image further apart than those of a red and a blue image: 0.018 against 0.002 cosine distance), so
+# the semantics are checked where they are decided: the embeddings and captions each stage is handed
+# (recorded at sampling.decode_images / inpaint_images and the prior's sampler), and the images
+# wherever two calls must agree exactly.
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """The keyword arguments of every decoder and prior sampling call the pipeline makes."""
+    import inspect
+
+    from dalle2_jax import sampling
+    from dalle2_jax.models import prior as prior_lib
+
+    calls = {"decoder": [], "prior": []}
+
+    def spy(kind, original):
+        def record(*args, **kwargs):
+            out = original(*args, **kwargs)
+            signature = inspect.signature(original)
+            bound = dict(signature.bind(*args, **kwargs).arguments)
+            for name, parameter in signature.parameters.items():  # **kwargs flattened
+                if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                    bound.update(bound.pop(name, {}))
+            arrays = {k: np.asarray(v) for k, v in bound.items()
+                      if isinstance(v, (np.ndarray, jax.Array)) and k != "rng"}
+            calls[kind].append({**arrays, "drop_text": bound.get("drop_text", False), "out": np.asarray(out)})
+            return out
+        return record
+
+    for name in ("decode_images", "inpaint_images"):
+        monkeypatch.setattr(sampling, name, spy("decoder", getattr(sampling, name)))
+    monkeypatch.setattr(prior_lib, "sample_image_embeddings_jit",
+                        spy("prior", prior_lib.sample_image_embeddings_jit))
+    return calls
+
+
+def test_generate_conditions_each_row_on_its_caption(pipe, recorded):
+    prompts = ["a red circle", "a blue square"]
+    images = pipe.generate(prompts, seed=0)
+    (prior,), (decoder,) = recorded["prior"], recorded["decoder"]
+    np.testing.assert_allclose(prior["text_embed"][:2], pipe.encode_text(prompts), atol=1e-6)
+    # The decoder draws row k from the prior's sample for caption k, with caption k's tokens.
+    np.testing.assert_array_equal(decoder["image_embed"], prior["out"][:2])
+    assert not decoder["drop_text"] and not np.allclose(decoder["text_encodings"][0], decoder["text_encodings"][1])
+    recorded["decoder"].clear()
+    swapped = pipe.generate(prompts[::-1], seed=0)
+    np.testing.assert_array_equal(recorded["decoder"][0]["text_encodings"], decoder["text_encodings"][::-1])
+    assert np.abs(swapped.astype(int) - images).mean() > 1.0
+
+
+@pytest.mark.parametrize("invert", [False, True])
+def test_variations_decode_the_input_images_embedding(pipe, recorded, invert):
+    red, blue = sample_image(), sample_image((40, 80, 220))
+    varied = pipe.variations(red, num_images=2, seed=0, invert=invert)
+    decoded = recorded["decoder"][-1]
+    np.testing.assert_allclose(decoded["image_embed"], np.repeat(pipe.encode_image(red), 2, axis=0), atol=1e-6)
+    assert decoded["drop_text"]  # no caption: the decoder's text is dropped in both guidance halves
+    assert np.abs(pipe.variations(blue, num_images=2, seed=0, invert=invert).astype(int) - varied).mean() > 1.0
+
+
+def test_text_diff_moves_the_embedding_toward_the_target_caption(pipe, recorded):
+    image, source, target = sample_image(), "a red circle", "a blue circle"
+    z_i = pipe.encode_image(image)[0].astype(np.float64)
+    z_s, z_t = pipe.encode_text([source, target]).astype(np.float64)
+    direction = (z_t - z_s) / np.linalg.norm(z_t - z_s)
+    embeds = []
+    for max_theta in (0.25, 0.5, 1.0):  # two frames per call: theta 0 and max_theta (the programs of batch 2)
+        pipe.text_diff(image, source, target, num_frames=2, max_theta=max_theta)
+        first, last = recorded["decoder"][-1]["image_embed"].astype(np.float64)
+        np.testing.assert_allclose(first, z_i, atol=1e-6)  # frame 0: the image's own embedding
+        embeds.append(last)
+    # Toward the target and away from the source, monotonically; theta 1 is the text diff itself.
+    toward = [float(e @ (z_t - z_s)) for e in [z_i, *embeds]]
+    assert all(b > a + 1e-3 for a, b in zip(toward, toward[1:])), toward
+    np.testing.assert_allclose(embeds[-1], direction, atol=1e-5)
+
+
+def test_interpolate_ends_at_each_images_decode(pipe):
+    red, blue, green = sample_image(), sample_image((40, 80, 220)), sample_image((40, 170, 70))
+    # From the slerp of the inverted x_T: the ends are the eta-0 decodes of each image's own x_T
+    # (variations with invert=True, eta=0; inverted in a batch of one there: measured <= 2 levels apart).
+    frames = pipe.interpolate(red, blue, num_frames=2, seed=0, slerp_noise=True)
+    own_a, own_b = (pipe.variations(image, num_images=2, invert=True, eta=0.0)[0] for image in (red, blue))
+    assert np.abs(own_a.astype(int) - own_b).mean() > 10.0  # measured 42
+    assert np.abs(frames[0].astype(int) - own_a).max() <= 3
+    assert np.abs(frames[-1].astype(int) - own_b).max() <= 3
+    # From one shared x_T: each end depends on its own image alone.
+    frames = pipe.interpolate(red, blue, num_frames=2, seed=0)
+    np.testing.assert_array_equal(frames[0], pipe.interpolate(red, green, num_frames=2, seed=0)[0])
+    np.testing.assert_array_equal(frames[-1], pipe.interpolate(green, blue, num_frames=2, seed=0)[-1])
+
+
+def test_inpaint_generates_from_the_known_region(pipe, recorded):
+    image = sample_image((40, 170, 70), size=OUT)[:, 2:-2]
+    mask = np.zeros(image.shape[:2], np.uint8)
+    mask[4:12, 4:12] = 255
+    known = mask == 0
+    out = pipe.inpaint(image, mask, "a blue square", seed=0)[0]
+    (prior,), (decoder,) = recorded["prior"], recorded["decoder"]
+    np.testing.assert_array_equal(decoder["image_embed"], prior["out"][:1])  # the prompt's prior sample
+    # RePaint shows the decoder the known pixels at every step: other known pixels, another fill (at the
+    # decoder's own resolution: the upsampler's convolutions alone would carry the change in too).
+    other = image.copy()
+    other[known] = 255 - other[known]
+    refilled = pipe.inpaint(other, mask, "a blue square", seed=0)[0]
+    np.testing.assert_array_equal(refilled[known], other[known])
+    region = decoder["mask"].reshape(decoder["out"].shape[:3])
+    fill, other_fill = decoder["out"][region], recorded["decoder"][-1]["out"][region]
+    assert np.abs(fill - other_fill).mean() > 0.05  # measured 0.69 in [-1, 1] units

@@ -133,6 +133,7 @@ PARITY_CAPTIONS = [
 ]
 
 
+@pytest.mark.parity_transformers
 @pytest.mark.parametrize("context_length", [8, 16, 77])
 def test_pretrained_tokenizer_matches_transformers(clip_tokenizer_dir, context_length):
     from transformers import CLIPTokenizerFast

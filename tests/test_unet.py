@@ -60,6 +60,7 @@ def test_timestep_embedding_matches_formula():
     np.testing.assert_allclose(emb, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parity_numpy
 @pytest.mark.parametrize("scale_shift_norm", [True, False])
 def test_resblock_matches_numpy_reference(scale_shift_norm):
     key = jax.random.key(1)
@@ -98,6 +99,7 @@ def test_resblock_down_and_up_resample():
     np.testing.assert_allclose(unet_lib.avg_pool_2x(unet_lib.upsample_nearest_2x(x)), x, rtol=1e-6)
 
 
+@pytest.mark.parity_numpy
 def test_convolution_resampling_matches_numpy_reference():
     """resblock_updown=False: a stride-2 convolution down, nearest 2x then a convolution up."""
     x = jax.random.normal(jax.random.key(5), (1, 6, 6, 3))
@@ -121,6 +123,7 @@ def test_convolution_resampling_matches_numpy_reference():
     assert set(params["up_blocks_0_upsamplers_0"]) == {"conv"}
 
 
+@pytest.mark.parity_numpy
 def test_phase_split_upsampling_convolution_matches_upsample_then_convolve():
     """conv_upsampled_3x3 is the 3x3 convolution of the nearest-upsampled map, values and gradients."""
     x = jax.random.normal(jax.random.key(6), (2, 5, 7, 3))
@@ -170,6 +173,7 @@ def test_up_block_and_unet_same_with_either_upsampling_convolution(decoder):
         model.clone(upsample_conv="subpixel").apply(params, x, t, **cond)
 
 
+@pytest.mark.parity_numpy
 def test_attention_matches_numpy_reference_with_context_and_mask():
     heads, width = 2, 8
     x = jax.random.normal(jax.random.key(5), (2, 2, 3, width))
