@@ -103,6 +103,10 @@ class Checkpointer:
         if int(keep) < 1:
             raise ValueError(f"keep: expected a positive number of checkpoints to keep, got {keep}")
         self.directory = Path(directory).absolute()
+        if jax.process_index() == 0 and self.directory.is_dir():
+            for unfinished in sorted(self.directory.glob(f"*{TMP_MARK}*")):
+                log.warning("removing %s: a save that never completed (the run stopped while writing it)",
+                            unfinished)
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(n=int(keep)),
             enable_async_checkpointing=async_save,
@@ -220,12 +224,12 @@ class Checkpointer:
             while target.exists():  # a name ending in "_<digits>" would read as a step to Orbax
                 target, counter = source.with_name(f"{damage.step}{DAMAGED_MARK}{stamp}-{counter}x"), counter + 1
             os.rename(source, target)
+            log.warning("checkpoint step %d is damaged and was renamed to %s: %s: %s",
+                        damage.step, target, damage.file, damage.reason)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices(f"dalle2_jax checkpoint set aside {damage.step}")
-        log.warning("checkpoint step %d is damaged and was renamed to %s: %s: %s",
-                    damage.step, target, damage.file, damage.reason)
         self._manager.reload()
 
     def close(self) -> None:

@@ -224,7 +224,7 @@ KILLED_SAVE = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("block_at", ["_METADATA", "commit_success.txt"])
-def test_sigkill_during_async_save_leaves_no_step_taken_for_complete(tmp_path, block_at):
+def test_sigkill_during_async_save_leaves_no_step_taken_for_complete(tmp_path, block_at, caplog):
     """Killed while step 2 is written: with the arrays written but not the tree metadata, or with
     everything written but the commit markers and the final rename."""
     directory, marker = tmp_path / "checkpoints", tmp_path / "blocked"
@@ -249,7 +249,9 @@ def test_sigkill_during_async_save_leaves_no_step_taken_for_complete(tmp_path, b
     assert sorted(ocp.utils.checkpoint_steps(directory)) == [1]
     listing = {(info.step, info.kind) for info in checkpoint.list_checkpoints(directory, verify=True)}
     assert listing == {(1, "step"), (2, "unfinished")}
-    with checkpoint.Checkpointer(directory) as ckpt:
+    with caplog.at_level(logging.WARNING, logger="dalle2_jax.checkpoint"), checkpoint.Checkpointer(directory) as ckpt:
+        assert [r.getMessage() for r in caplog.records] == [
+            f"removing {partial[0]}: a save that never completed (the run stopped while writing it)"]
         assert ckpt.all_steps() == [1]
         abstract = {"w": jax.ShapeDtypeStruct((4096,), np.float32), "step": jax.ShapeDtypeStruct((), np.int32)}
         restored, step = ckpt.restore_latest_readable(abstract)
