@@ -340,12 +340,14 @@ def check_step_files(step_dir: Path, items: Sequence[str] | None = None) -> list
 
 _ARRAY_READ_ERROR = re.compile(r'Error reading "([^"]+)" in OCDBT database at [^"]*"[^"]*"?: ?([^\n]*)')
 _VALUE_SIZE = re.compile(r"is not valid for value of size (\d+)")
-_LOCAL_FILE = re.compile(r'of local file "([^"]+)"')
+_LOCAL_FILE = re.compile(r'(?:of|decoding) local file "([^"]+)"')
+_TENSORSTORE_SPEC = re.compile(r"\s*\[tensorstore_spec=.*$")
 
 
 def _explain_read_error(directory: Path, error: BaseException) -> tuple[Path, str]:
     """(file, reason) for an exception raised while reading a checkpoint under `directory`:
-    the OCDBT data file when TensorStore's message identifies it by its size."""
+    the file TensorStore names (or, for a truncated OCDBT data file it does not name, the
+    one data file of the size it reports), else `directory`."""
     messages, seen = [], set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -355,20 +357,20 @@ def _explain_read_error(directory: Path, error: BaseException) -> tuple[Path, st
     found = _ARRAY_READ_ERROR.search(text)
     if found is None:
         last = messages[-1].strip().splitlines()
-        return directory, (last[0] if last else messages[-1])[:500]
-    array, detail = found.group(1).split("/", 1)[0], found.group(2).strip()
+        return directory, _TENSORSTORE_SPEC.sub("", last[0] if last else messages[-1])[:300]
+    array, detail = found.group(1).split("/", 1)[0], _TENSORSTORE_SPEC.sub("", found.group(2).strip())[:300]
     size = _VALUE_SIZE.search(text)
     named = _LOCAL_FILE.search(text)
-    if size is not None and named is not None and Path(named.group(1)).is_file():
-        return Path(named.group(1)), (f"truncated: array {array!r} lies past the end of the "
-                                      f"{size.group(1)}-byte file")
-    if size is not None:
-        data_files = [f for f in directory.rglob("*") if f.is_file() and f.parent.name == "d"
-                      and f.stat().st_size == int(size.group(1))]
-        if len(data_files) == 1:
-            return data_files[0], (f"truncated: array {array!r} lies past the end of the "
-                                   f"{size.group(1)}-byte file ({detail})")
-    return directory, f"array {array!r} cannot be read ({detail})"
+    if named is not None and Path(named.group(1)).is_file():
+        file = Path(named.group(1))
+    else:
+        same_size = [] if size is None else [
+            f for f in directory.rglob("*")
+            if f.is_file() and f.parent.name == "d" and f.stat().st_size == int(size.group(1))]
+        file = same_size[0] if len(same_size) == 1 else directory
+    if size is not None and file != directory:
+        return file, f"truncated: array {array!r} lies past the end of the {size.group(1)}-byte file ({detail})"
+    return file, f"array {array!r} cannot be read ({detail})"
 
 
 def read_tree(directory: str | os.PathLike, key: str | None = None, *, keys_only: bool = False) -> Any:
