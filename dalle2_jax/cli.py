@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     p = command("train", help="train one stage through the shared loop",
-                       description="Extra `--config.KEY=VALUE` arguments override config fields, "
-                                   "e.g. --config.total_steps=12 --config.optimizer.learning_rate=3e-4")
+                description="Extra `--config.KEY=VALUE` arguments override config fields, "
+                            "e.g. --config.total_steps=12 --config.optimizer.learning_rate=3e-4")
     p.add_argument("stage", choices=STAGES)
     p.add_argument("--config", required=True, help="configs/FILE.py[:variant]")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard logs and samples")
@@ -102,11 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _format_size(size: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+    if size < 1024:
+        return f"{size} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
         size /= 1024
-    raise AssertionError("unreachable")
+        if size < 1024 or unit == "TiB":
+            return f"{size:.1f} {unit}"
 
 
 def run_checkpoints(workdir: str, verify: bool) -> int:
