@@ -147,6 +147,15 @@ class Checkpointer:
             raise self._save_failed(error) from error
         self._pending_step = None
 
+    def raise_if_save_failed(self) -> None:
+        """Without blocking: CheckpointSaveError if the last asynchronous save has ended in failure.
+        Single process only: processes would see the end at different steps and part ways
+        (with several, the next save, which all of them make, reports the failure)."""
+        if jax.process_count() > 1:
+            return
+        if self._pending_step is not None and not self._manager.is_saving_in_progress():
+            self.wait()  # returns at once: the save has ended
+
     def _save_failed(self, error: Exception) -> CheckpointSaveError:
         step, self._pending_step = self._pending_step, None
         if jax.process_index() == 0:  # nothing half-written is left behind

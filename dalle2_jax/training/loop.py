@@ -233,6 +233,8 @@ def train(task, config, workdir: str, *, mesh: Mesh | None = None) -> TrainState
                 if step != last_saved:
                     ckpt.save(step, state, iterator)
                     last_saved = step
+            else:
+                ckpt.raise_if_save_failed()  # stop soon after a failed save, not at the next one
             if stop:
                 log.warning("preempted: saved step %d in %s and stopped", step, ckpt.directory)
                 break
