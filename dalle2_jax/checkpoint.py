@@ -415,7 +415,7 @@ class CheckpointInfo:
     """One entry of a checkpoints directory: a step, a step set aside as damaged, or an unfinished save."""
     name: str
     path: Path
-    step: int | None
+    step: int
     kind: str  # "step" | "damaged" (set aside) | "unfinished" (a save that never completed)
     size_bytes: int
     saved: datetime.datetime | None

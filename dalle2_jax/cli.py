@@ -128,7 +128,7 @@ def run_checkpoints(workdir: str, verify: bool) -> int:
         elif info.problem is not None:
             status = f"DAMAGED: {info.problem.file}: {info.problem.reason}"
         else:
-            status = "ok (read back completely)" if info.verified else "complete"
+            status = "ok (read back completely)" if info.verified else "finalized (not read back)"
         print(f"{info.step:>8}  {_format_size(info.size_bytes):>10}  {saved:<19}  {status}")
     damaged = [info for info in infos if info.problem is not None]
     if damaged:

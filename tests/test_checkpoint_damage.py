@@ -2,7 +2,9 @@
 reported (step, file, reason), set aside and resumed past with a bit-identical end; all steps
 damaged; ENOSPC during a save; SIGKILL during an asynchronous save; a damaged weight file
 for load_params, export and from_pretrained; `dalle2-jax checkpoints [--verify]`."""
+import datetime
 import errno
+import json
 import logging
 import os
 import shutil
@@ -135,11 +137,17 @@ def test_checkpoints_command_lists_sizes_times_and_verification(preempted, tmp_p
     bad = DAMAGE["array_data_truncated"](workdir / checkpoint.CHECKPOINTS_SUBDIR / "6")
     assert cli.main(["checkpoints", str(workdir)]) == 0
     listing = capsys.readouterr().out.splitlines()
+    assert all(line.endswith("finalized (not read back)") for line in listing[2:])  # nothing read
     rows = [line.split() for line in listing[2:]]
-    assert [int(row[0]) for row in rows] == [3, 6, 9] and all(row[-1] == "complete" for row in rows)
+    assert [int(row[0]) for row in rows] == [3, 6, 9]
     sizes = [sum(f.stat().st_size for f in (workdir / "checkpoints" / str(s)).rglob("*") if f.is_file()) / 1024
              for s in (3, 6, 9)]
     assert [float(row[1]) for row in rows] == [round(size, 1) for size in sizes] and rows[0][2] == "KiB"
+    for row in rows:  # the commit time Orbax recorded, in UTC
+        nanoseconds = json.loads((workdir / "checkpoints" / row[0] / "_CHECKPOINT_METADATA").read_text())[
+            "commit_timestamp_nsecs"]
+        saved = datetime.datetime.fromtimestamp(nanoseconds / 1e9, datetime.timezone.utc)
+        assert f"{row[3]} {row[4]}" == saved.strftime("%Y-%m-%d %H:%M:%S")
 
     assert cli.main(["checkpoints", str(workdir), "--verify"]) == 1
     out = capsys.readouterr()
