@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 STAGES = ("clip", "prior", "decoder", "upsampler")
@@ -33,21 +34,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dalle2-jax",
         description="DALL-E 2 (unCLIP) in JAX: train the stages, export a pipeline, generate images.")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks of errors")
+    # --debug is accepted after the command too (`dalle2-jax train ... --debug`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="offline end-to-end demo: data, every stage, samples and a report")
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    p = command("demo", help="offline end-to-end demo: data, every stage, samples and a report")
     p.add_argument("--workdir", default="runs/demo", help="where data, checkpoints, the pipeline and outputs go")
     p.add_argument("--quick", action="store_true", help="a few-minute run with tiny step counts (what CI runs)")
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("train", help="train one stage through the shared loop",
-                       description="Extra `--config.KEY=VALUE` arguments override config fields, "
-                                   "e.g. --config.total_steps=12 --config.optimizer.learning_rate=3e-4")
+    p = command("train", help="train one stage through the shared loop",
+                description="Extra `--config.KEY=VALUE` arguments override config fields, "
+                            "e.g. --config.total_steps=12 --config.optimizer.learning_rate=3e-4")
     p.add_argument("stage", choices=STAGES)
     p.add_argument("--config", required=True, help="configs/FILE.py[:variant]")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard logs and samples")
 
-    p = sub.add_parser("embed", help="write a CLIP embedding dataset for prior/decoder training")
+    p = command("embed", help="write a CLIP embedding dataset for prior/decoder training")
     p.add_argument("--clip", required=True, help="CLIP training workdir or exported CLIP directory")
     p.add_argument("--data", required=True,
                    help="dataset: 'shapes' (the built-in set), an image folder, or a webdataset shard directory")
@@ -56,32 +64,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train")
     p.add_argument("--batch-size", type=int, default=256)
 
-    p = sub.add_parser("export", help="turn training workdirs into one pipeline directory")
+    p = command("export", help="turn training workdirs into one pipeline directory")
     p.add_argument("--workdir", required=True, help="directory holding clip/, prior/, decoder/, upsampler*/ workdirs")
     p.add_argument("--out", required=True, help="pipeline directory to write")
 
-    p = sub.add_parser("generate", help="text -> image")
+    p = command("generate", help="text -> image")
     p.add_argument("prompt", nargs="+", help="one or more captions")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     _add_model_args(p)
     _add_cache_args(p)
     _add_prior_args(p)
 
-    p = sub.add_parser("variations", help="variations of an image (CLIP image embedding -> decoder)")
+    p = command("variations", help="variations of an image (CLIP image embedding -> decoder)")
     p.add_argument("image")
     p.add_argument("--num-images", type=int, default=4)
     p.add_argument("--invert", action="store_true", help="start from the image's own DDIM-inverted x_T")
     _add_model_args(p)
     _add_cache_args(p)
 
-    p = sub.add_parser("interpolate", help="slerp between two images' CLIP embeddings")
+    p = command("interpolate", help="slerp between two images' CLIP embeddings")
     p.add_argument("image_a")
     p.add_argument("image_b")
     p.add_argument("--num-frames", type=int, default=5)
     _add_model_args(p)
     _add_cache_args(p)
 
-    p = sub.add_parser("text-diff", help="move an image along the text diff of two captions")
+    p = command("text-diff", help="move an image along the text diff of two captions")
     p.add_argument("image")
     p.add_argument("source_caption")
     p.add_argument("target_caption")
@@ -89,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_cache_args(p)
 
-    p = sub.add_parser("inpaint", help="resample the masked region, conditioned on a caption")
+    p = command("inpaint", help="resample the masked region, conditioned on a caption")
     p.add_argument("image")
     p.add_argument("mask", help="mask image: white (or nonzero) where the image is replaced")
     p.add_argument("prompt")
@@ -97,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_args(p)
     _add_prior_args(p)
 
-    p = sub.add_parser("serve", help="web UI (gradio) over a pipeline directory",
-                       description="One page with a tab per pipeline method; requests run one at a time.")
+    p = command("serve", help="web UI (gradio) over a pipeline directory",
+                description="One page with a tab per pipeline method; requests run one at a time.")
     p.add_argument("--model", required=True, help="pipeline directory (from `dalle2-jax export` or the demo)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: this machine only; 0.0.0.0 serves the network)")
@@ -107,10 +115,61 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also open a public *.gradio.live link through gradio's servers")
     _add_cache_args(p)
 
+    p = command("checkpoints", help="list a training workdir's checkpoints (step, size, time)")
+    p.add_argument("workdir", help="training workdir or its checkpoints/ directory")
+    p.add_argument("--verify", action="store_true",
+                   help="read every step back completely (metadata, every array, the iterator state)")
+
     sub.add_parser("bench", help="benchmarks; `dalle2-jax bench --help` for modes", add_help=False)
     sub.add_parser("launch", help="run a command as N local processes forming one JAX run: "
                                   "launch --processes N -- train ...", add_help=False)
     return parser
+
+
+def _format_size(size: int) -> str:
+    if size < 1024:
+        return f"{size} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        size /= 1024
+        if size < 1024 or unit == "TiB":
+            return f"{size:.1f} {unit}"
+
+
+def run_checkpoints(workdir: str, verify: bool) -> int:
+    """Print the checkpoints table; 1 when --verify found a damaged step, else 0."""
+    from dalle2_jax import checkpoint
+
+    infos = checkpoint.list_checkpoints(workdir, verify=verify)
+    print(f"checkpoints in {checkpoint.checkpoint_dir(workdir).absolute()}")
+    if not infos:
+        print("  (none)")
+    print(f"{'step':>8}  {'size':>10}  {'saved (UTC)':<19}  status")
+    for info in infos:
+        saved = info.saved.strftime("%Y-%m-%d %H:%M:%S") if info.saved else "?"
+        if info.kind == "damaged":
+            status = f"set aside as damaged: {info.name}"
+        elif info.kind == "unfinished":
+            status = f"unfinished save, ignored (removed at the next training run): {info.name}"
+        elif info.problem is not None:
+            status = f"DAMAGED: {info.problem.file}: {info.problem.reason}"
+        else:
+            status = "ok (read back completely)" if info.verified else "finalized (not read back)"
+        print(f"{info.step:>8}  {_format_size(info.size_bytes):>10}  {saved:<19}  {status}")
+    damaged = [info for info in infos if info.problem is not None]
+    if damaged:
+        print(f"{len(damaged)} damaged step(s): {[info.step for info in damaged]}; training resumes from the "
+              "newest readable one and renames newer damaged ones aside", file=sys.stderr)
+    return 1 if damaged else 0
+
+
+class _NoTracebacks(logging.Filter):
+    """Libraries (Orbax) log the exceptions they re-raise with their tracebacks; without
+    --debug the error is reported once, as one message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +187,21 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.debug:
+        return _run_command(parser, args, extra)
+    quiet = _NoTracebacks()
+    for name in ("absl", "orbax"):
+        logging.getLogger(name).addFilter(quiet)
+    try:
+        return _run_command(parser, args, extra)
+    except (ValueError, OSError) as error:  # FileNotFoundError and checkpoint errors included
+        raise SystemExit(f"dalle2-jax {args.command}: error: {error}\n(--debug shows the traceback)") from None
+    finally:
+        for name in ("absl", "orbax"):
+            logging.getLogger(name).removeFilter(quiet)
 
+
+def _run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> int:
     if hasattr(args, "no_cache"):  # the commands that sample: before anything compiles
         from dalle2_jax import compile_cache
 
@@ -136,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             compile_cache.cache_from_args(args.cache_dir, args.no_cache)
         except ValueError as error:
             parser.error(str(error))
-
+    if args.command == "checkpoints":
+        return run_checkpoints(args.workdir, args.verify)
     if args.command == "train":
         bad = [a for a in extra if not a.startswith("--config.")]
         if bad:

@@ -90,6 +90,8 @@ def run_pipeline_command(args: argparse.Namespace) -> list[Path]:
             on_stage("writing")
             paths = write_outputs(args.out, images, ncols)
     except (ValueError, FileNotFoundError) as error:
+        if getattr(args, "debug", False):
+            raise
         raise SystemExit(f"dalle2-jax {args.command}: error: {error}") from None
     console.log(f"wrote {paths[0]} ({len(images)} images of {images.shape[1]}x{images.shape[2]}) "
                 f"and {paths[1].name} ... {paths[-1].name}")

@@ -107,10 +107,10 @@ def _load_params(directory: Path, stage_name: str):
     if not directory.is_dir():
         raise FileNotFoundError(f"path: stage {stage_name!r} has no {PARAMS_SUBDIR}/ directory at {directory}")
     try:
-        return checkpoint.restore_host_tree(directory)
-    except Exception as error:  # Orbax raises many kinds; all mean an unreadable checkpoint
-        raise ValueError(f"path: the parameters of stage {stage_name!r} in {directory} are corrupt "
-                         f"({type(error).__name__}: {error})") from None
+        return checkpoint.read_tree(directory)
+    except checkpoint.DamagedCheckpointError as error:
+        raise ValueError(f"path: the parameters of stage {stage_name!r} are corrupt: {error.file}: "
+                         f"{error.reason}") from None
 
 
 def read_config(file: Path, argument: str) -> ml_collections.ConfigDict:

@@ -159,8 +159,10 @@ def _write_config(config, workdir: Path) -> None:
 
 def train(task, config, workdir: str, *, mesh: Mesh | None = None) -> TrainState:
     """Train `task` as `config` says, checkpointing into workdir/checkpoints; resumes
-    automatically from the latest complete checkpoint there. Returns the final state
-    (earlier than total_steps only when stopped by SIGTERM, after saving)."""
+    automatically from the latest checkpoint there that reads back completely (newer,
+    damaged ones are renamed aside with a warning; none readable: NoReadableCheckpointError).
+    Returns the final state (earlier than total_steps only when stopped by SIGTERM, after
+    saving). A failed save raises checkpoint.CheckpointSaveError."""
     workdir = Path(workdir)
     total_steps = _positive_int(config, "total_steps")
     batch_size = _positive_int(config, "batch_size")
@@ -189,11 +191,16 @@ def train(task, config, workdir: str, *, mesh: Mesh | None = None) -> TrainState
     batch_shardings = jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch_spec)
     tx = optim.make_optimizer(config.optimizer, total_steps)
     ckpt = checkpoint.Checkpointer(workdir / checkpoint.CHECKPOINTS_SUBDIR, keep=keep_checkpoints)
-    resume_step = ckpt.latest_step()
+    resuming = ckpt.latest_step() is not None
     state, state_shardings = create_train_state(task, tx, batch_spec, mesh, seed=seed, min_fsdp_size=min_fsdp_size,
-                                                materialize=resume_step is None)
-    if resume_step is not None:
-        state = ckpt.restore(state, iterator, step=resume_step)
+                                                materialize=not resuming)
+    resume_step = None
+    if resuming:  # the newest checkpoint that reads back completely; newer damaged ones are set aside
+        try:
+            state, resume_step = ckpt.restore_latest_readable(state, iterator)
+        except BaseException:
+            ckpt.close()
+            raise
         log.info("resumed from %s at step %d", ckpt.directory, resume_step)
     step = int(jax.device_get(state.step))
     last_saved = resume_step
@@ -226,6 +233,8 @@ def train(task, config, workdir: str, *, mesh: Mesh | None = None) -> TrainState
                 if step != last_saved:
                     ckpt.save(step, state, iterator)
                     last_saved = step
+            else:
+                ckpt.raise_if_save_failed()  # stop soon after a failed save, not at the next one
             if stop:
                 log.warning("preempted: saved step %d in %s and stopped", step, ckpt.directory)
                 break
