@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_prior_args(p)
 
+    p = sub.add_parser("convert", help="import public weights into this project's pipeline format")
+    p.add_argument("format", choices=("unclip",), help="unclip: a diffusers UnCLIP directory (Karlo)")
+    p.add_argument("src", help="the directory to import (with model_index.json)")
+    p.add_argument("--out", required=True, help="pipeline directory to write (atomically)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="parameter and compute dtype of the written pipeline (default float32)")
+
     sub.add_parser("bench", help="benchmarks; `dalle2-jax bench --help` for modes", add_help=False)
     return parser
 
@@ -120,6 +127,14 @@ def main(argv: list[str] | None = None) -> int:
         from dalle2_jax.pipeline import export_pipeline
 
         export_pipeline(args.workdir, args.out)
+    elif args.command == "convert":
+        from dalle2_jax.convert.unclip import is_unclip_dir
+        from dalle2_jax.pipeline import UnCLIPPipeline
+
+        if not is_unclip_dir(args.src):
+            parser.error(f"src: {args.src!r} is not a diffusers UnCLIP directory (no model_index.json)")
+        UnCLIPPipeline.from_pretrained(args.src, dtype=args.dtype).save_pretrained(args.out)
+        print(f"wrote {args.out}")
     else:
         from dalle2_jax.pipeline_cli import run_pipeline_command
 

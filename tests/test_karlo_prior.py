@@ -62,22 +62,23 @@ def test_converted_prior_matches_prior_transformer():
                              encoder_hidden_states=torch.from_numpy(inputs["text_encodings"]),
                              attention_mask=torch.from_numpy(inputs["text_mask"])).predicted_image_embedding.numpy()
         post = reference.post_process_latents(torch.from_numpy(inputs["x"])).numpy()
-    got = module.apply(variables, jnp.asarray(inputs["x"]), jnp.asarray(inputs["t"], jnp.int32),
-                       text_embed=inputs["text_embed"], text_encodings=inputs["text_encodings"],
-                       text_mask=inputs["text_mask"])
+    @jax.jit
+    def ours(variables, x, t, text_embed, text_encodings, text_mask):
+        full = module.apply(variables, x, t, text_embed=text_embed, text_encodings=text_encodings,
+                            text_mask=text_mask)
+        # The cached-text path (what sampling runs) gives the same.
+        cache = module.apply(variables, text_embed, text_encodings, text_mask, method="encode_text")
+        cached = module.apply(variables, x, t, text_cache=cache, method="denoise")
+        unnormalized = module.apply(variables, x, method="unnormalize_embed")
+        return full, cached, unnormalized, module.apply(variables, unnormalized, method="normalize_embed")
+
+    got, cached, unnormalized, roundtrip = ours(variables, inputs["x"], jnp.asarray(inputs["t"], jnp.int32),
+                                                inputs["text_embed"], inputs["text_encodings"], inputs["text_mask"])
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=0)
     assert np.abs(expected).max() > 0.1
-    # The cached-text path (what sampling runs) gives the same.
-    cache = module.apply(variables, inputs["text_embed"], inputs["text_encodings"], inputs["text_mask"],
-                         method="encode_text")
-    cached = module.apply(variables, jnp.asarray(inputs["x"]), jnp.asarray(inputs["t"], jnp.int32),
-                          text_cache=cache, method="denoise")
     np.testing.assert_allclose(np.asarray(cached), expected, atol=1e-4, rtol=0)
     # Karlo's embedding normalisation: samples come back as x * clip_std + clip_mean.
-    np.testing.assert_allclose(np.asarray(module.apply(variables, inputs["x"], method="unnormalize_embed")), post,
-                               atol=1e-6)
-    roundtrip = module.apply(variables, module.apply(variables, inputs["x"], method="unnormalize_embed"),
-                             method="normalize_embed")
+    np.testing.assert_allclose(np.asarray(unnormalized), post, atol=1e-6)
     np.testing.assert_allclose(np.asarray(roundtrip), inputs["x"], atol=1e-5)
 
 

@@ -22,6 +22,11 @@ _FIXED = {"additional_embeddings": NUM_EXTRA_TOKENS, "time_embed_act_fn": "silu"
 _DEFAULTS = {"num_attention_heads": 32, "attention_head_dim": 64, "num_layers": 20, "embedding_dim": 768,
              "num_embeddings": 77, "dropout": 0.0, "time_embed_dim": None, "embedding_proj_dim": None,
              "clip_embed_dim": None, **_FIXED}
+# Karlo v1 alpha: its prior is PriorTransformer() with the defaults, its prior_scheduler this.
+KARLO_PRIOR_CONFIG = {"_class_name": "PriorTransformer", **{k: v for k, v in _DEFAULTS.items()}}
+KARLO_PRIOR_SCHEDULER = {"_class_name": "UnCLIPScheduler", "variance_type": "fixed_small_log",
+                         "prediction_type": "sample", "clip_sample": True, "clip_sample_range": 5.0,
+                         "num_train_timesteps": 1000}
 _RENAMES = {"time_embedding_linear_1": "time_embedding.linear_1", "time_embedding_linear_2": "time_embedding.linear_2",
             "ff_in": "ff.net.0.proj", "ff_out": "ff.net.2", "to_out": "to_out.0"}
 
