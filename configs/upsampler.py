@@ -176,6 +176,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         config.batch_size = 64
         config.optimizer.update(learning_rate=1e-5, warmup_steps=500, schedule="constant")
         config.ema.decay = 0.9999
+        # Fine-tune imported weights with --config.init_from=DIR (a converted pipeline or the diffusers
+        # UnCLIP directory)
+        config.init_from = ""
 
     config.model = ml_collections.ConfigDict(model)
     config.model.dtype = config.get_ref("compute_dtype")

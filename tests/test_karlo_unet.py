@@ -11,6 +11,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import UNet2DConditionModel, UNet2DModel  # noqa: E402
 from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel  # noqa: E402
 
+from dalle2_jax import sampling  # noqa: E402
 from dalle2_jax.convert import karlo_unet  # noqa: E402
 from dalle2_jax.pipeline import abstract_variables, build_module  # noqa: E402
 
@@ -146,6 +147,14 @@ def test_decoder_image_variations_halves_match_diffusers(tiny_decoder):
         drop_text=np.ones((2 * B,), bool)))
     np.testing.assert_allclose(ours[:B], expected[B:], rtol=0, atol=TOLERANCE)
     np.testing.assert_allclose(ours[B:], expected[:B], rtol=0, atol=TOLERANCE)
+    # sampling.decoder_conditioning without any text (what the pipeline's variations pass): the
+    # stand-in text has the stored empty caption's length and is dropped
+    cond, uncond = sampling.decoder_conditioning(build_module("decoder", config), variables, 2 * B,
+                                                 image_embed=both(inputs["image_embed"]))
+    assert cond["text_encodings"].shape == (2 * B, TEXT_LEN, EMBED) and bool(cond["drop_text"].all())
+    cond["drop_image"] = uncond["drop_image"].at[:B].set(False)
+    standin = np.asarray(apply(variables, both(inputs["x"]), both(inputs["t"]), **cond))
+    np.testing.assert_allclose(standin, ours, rtol=0, atol=1e-6)
 
 
 def test_torch_antialiased_bicubic_upscaling_is_jax_bicubic():

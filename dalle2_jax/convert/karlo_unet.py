@@ -46,6 +46,8 @@ A low_res already at 256px is used as it is. Output (B, 256, 256, 3): eps.
 """
 from __future__ import annotations
 
+import functools
+import json
 import re
 from typing import Any, Mapping, Optional
 
@@ -358,11 +360,18 @@ def _theirs(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _abstract_params(config) -> dict:
+@functools.lru_cache(maxsize=8)
+def _abstract_params_of(stage: str, config_json: str) -> dict:
     from dalle2_jax.pipeline.stages import abstract_variables, build_module  # the pipeline imports convert
 
-    stage = "decoder" if config.model.get("use_image_embed") else "upsampler"
+    config = ml_collections.ConfigDict(json.loads(config_json))
     return abstract_variables(stage, build_module(stage, config), config)["params"]
+
+
+def _abstract_params(config) -> dict:
+    """The param shapes of the stage's UNet (jax.eval_shape; cached per config)."""
+    stage = "decoder" if config.model.get("use_image_embed") else "upsampler"
+    return _abstract_params_of(stage, config.to_json())
 
 
 def _model_option(config, name: str):
