@@ -57,6 +57,12 @@ def _kernel_rows(params, name: str) -> int | None:
     return None if layer is None else int(np.shape(layer["kernel"])[0])
 
 
+def _null_text_shape(params) -> tuple[int, int] | None:
+    tree = params.get("params", params) if hasattr(params, "get") else {}
+    null = tree.get("null_text_encodings") if hasattr(tree, "get") else None
+    return None if null is None else tuple(int(n) for n in np.shape(null))
+
+
 def _check_images(images, name: str, batch: int | None = None, channels: int = 3) -> jax.Array:
     shape = np.shape(images)
     if len(shape) != 4 or shape[-1] != channels or 0 in shape or (batch is not None and shape[0] != batch):
@@ -87,8 +93,11 @@ def decoder_conditioning(unet, params, batch: int, *, image_embed=None, text_enc
     if unet.use_text_encodings:
         width = _kernel_rows(params, "text_encodings_proj")
         if text_encodings is None:
-            text_encodings = jnp.zeros((batch, 1, width or unet.context_dim), jnp.float32)
-            text_mask = jnp.ones((batch, 1), bool)
+            # a UNet that stores its null caption (Karlo's empty caption) takes text of its length
+            stored = _null_text_shape(params) if unet.null_text_tokens else None
+            length, width = stored if stored is not None else (1, width or unet.context_dim)
+            text_encodings = jnp.zeros((batch, length, width), jnp.float32)
+            text_mask = jnp.ones((batch, length), bool)
             drop_text = jnp.ones((batch,), bool)
         shape = np.shape(text_encodings)
         if len(shape) != 3 or shape[0] != batch or (width is not None and shape[2] != width):

@@ -46,6 +46,8 @@ A low_res already at 256px is used as it is. Output (B, 256, 256, 3): eps.
 """
 from __future__ import annotations
 
+import functools
+import json
 import re
 from typing import Any, Mapping, Optional
 
@@ -204,7 +206,7 @@ def _model_common(options: dict, channels, layers, image_size: int) -> dict:
         image_size=image_size, channels=channels, model_channels=channels[0], channel_mult=(1,) * len(channels),
         num_res_blocks=layers, num_groups=int(options["norm_num_groups"]), norm_eps=float(options["norm_eps"]),
         resblock_updown=True, dropout=float(options["dropout"]), time_embed_dim=0, num_heads=0,
-        image_embed_mean=(), image_embed_std=0.0, low_res_resize="bicubic", use_noise_level=False,
+        low_res_resize="bicubic", use_noise_level=False,
         remat="none")
 
 
@@ -272,7 +274,7 @@ def decoder_config_from_diffusers(unet_config: Mapping[str, Any], text_proj_conf
         scale_shift_norm=_TIME_SCALE_SHIFT[options["resnet_time_scale_shift"]],
         use_image_embed=True, num_context_tokens=int(proj["clip_extra_context_tokens"]),
         use_text_encodings=True, use_text_embed=True, context_dim=int(options["cross_attention_dim"]),
-        null_text_tokens=KARLO_EMPTY_CAPTION_TOKENS, use_low_res=False)
+        null_text_tokens=KARLO_EMPTY_CAPTION_TOKENS, image_embed_mean=(), image_embed_std=0.0, use_low_res=False)
     config = _stage_config(model, dict(
         schedule="cosine", num_timesteps=1000, objective="eps", vlb_weight=1e-3, snr_gamma=0.0,
         sampler="ddpm", sampling_steps=25, eta=0.0, clip_denoised=True, guidance_scale=8.0,
@@ -358,11 +360,25 @@ def _theirs(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _abstract_params(config) -> dict:
+@functools.lru_cache(maxsize=8)
+def _abstract_params_of(stage: str, config_json: str) -> dict:
     from dalle2_jax.pipeline.stages import abstract_variables, build_module  # the pipeline imports convert
 
-    stage = "decoder" if config.model.get("use_image_embed") else "upsampler"
+    config = ml_collections.ConfigDict(json.loads(config_json))
     return abstract_variables(stage, build_module(stage, config), config)["params"]
+
+
+def _abstract_params(config) -> dict:
+    """The param shapes of the stage's UNet (jax.eval_shape; cached per config)."""
+    stage = "decoder" if config.model.get("use_image_embed") else "upsampler"
+    return _abstract_params_of(stage, config.to_json())
+
+
+def _model_option(config, name: str):
+    model = config.get("model") if hasattr(config, "get") else None
+    if model is None:
+        raise ValueError("config: expected a stage config with a 'model' section")
+    return model.get(name)
 
 
 def _check_state(state: Mapping, argument: str) -> None:
@@ -392,6 +408,9 @@ def convert_upsampler(unet_state: Mapping[str, np.ndarray], config) -> dict:
     """{"params": ...} of our UNet for `config` (`upsampler_config_from_diffusers`) from a
     UNet2DModel state dict."""
     _check_state(unet_state, "unet_state")
+    if not _model_option(config, "use_low_res"):
+        raise ValueError("config: expected an upsampler config (upsampler_config_from_diffusers), got one without "
+                         "model.use_low_res")
     flat = traverse_util.flatten_dict(_abstract_params(config))
     used: set = set()
     params = _fill(unet_state, flat, "unet_state", used)
@@ -412,6 +431,9 @@ def convert_decoder(unet_state: Mapping[str, np.ndarray], text_proj_state: Mappi
     """
     _check_state(unet_state, "unet_state")
     _check_state(text_proj_state, "text_proj_state")
+    if not all(_model_option(config, name) for name in ("use_image_embed", "use_text_embed", "null_text_tokens")):
+        raise ValueError("config: expected a Karlo decoder config (decoder_config_from_diffusers: use_image_embed, "
+                         "use_text_embed, null_text_tokens > 0)")
     flat = traverse_util.flatten_dict(_abstract_params(config))
     unet_paths = {p: leaf for p, leaf in flat.items() if p[0] not in _TEXT_PROJ_NAMES and len(p) > 1}
     used: set = set()
