@@ -167,3 +167,19 @@ def test_variations_model_refuses_what_needs_a_prior(karlo_variations):
         pipe.text_diff(image, "a red circle", "a blue circle")
     with pytest.raises(ValueError, match="inpaint: this pipeline has no prior"):
         pipe.inpaint(image, np.ones((32, 32), bool), "a blue square")
+
+
+@pytest.mark.heavy
+def test_other_operations_run_on_the_imported_variations_model(karlo_variations):
+    """encode_image (unit norm), DDIM-inverted variations (deterministic) and interpolation (its
+    ends differ) run on an imported model through the same code as on trained ones."""
+    _, _, pipe = karlo_variations
+    rng = np.random.default_rng(5)
+    a, b = (rng.integers(0, 256, (32, 32, 3)).astype(np.uint8) for _ in range(2))
+    np.testing.assert_allclose(np.linalg.norm(pipe.encode_image([a, b]), axis=-1), 1.0, atol=1e-5)
+    inverted = pipe.variations(a, num_images=1, seed=0, invert=True, eta=0.0, decoder_steps=4, upsampler_steps=2)
+    again = pipe.variations(a, num_images=1, seed=0, invert=True, eta=0.0, decoder_steps=4, upsampler_steps=2)
+    np.testing.assert_array_equal(inverted, again)
+    frames = pipe.interpolate(a, b, num_frames=3, seed=0, decoder_steps=4, upsampler_steps=2)
+    assert frames.shape == (3, karlo_fixture.SUPER_RES_SIZE, karlo_fixture.SUPER_RES_SIZE, 3)
+    assert np.abs(frames[0].astype(int) - frames[2]).mean() > 1.0  # the ends decode different embeddings
