@@ -1,4 +1,4 @@
-"""64px decoder configs: `get_config("tiny" | "base" | "paper")`.
+"""64px decoder configs: `get_config("tiny" | "base" | "paper" | "karlo")`.
 
 `config.model` fills `dalle2_jax.models.unet.UNet` by keyword. `config.conditioning`
 gives the CLIP shapes the decoder is built for (image embedding width, text
@@ -15,10 +15,18 @@ steps with the learned variance. GLIDE's 3.5B included its 1.2B text
 transformer; here the text comes from CLIP, so the UNet itself is made deeper
 (3, 4, 5, 6 residual blocks from 64px down to 8px instead of 3 everywhere:
 3.43B parameters, `jax.eval_shape` count) to land on the paper's size.
+The `karlo` variant has exactly the shapes of Karlo v1 alpha's public decoder
+(diffusers' UNet2DConditionModel + UnCLIPTextProjModel, imported by
+`dalle2_jax.convert.karlo_unet`): 320-640-960-1280 channels, 3 blocks per
+level, attention at 32/16/8 with head width 64, 1536-wide context, the pooled
+text embedding added to the time embedding, the empty caption as the dropped
+text; 893.4M parameters (diffusers' 893.3M + the stored 77 x 768 empty caption).
+It is for fine-tuning imported weights: CLIP ViT-L/14's raw (not unit-norm)
+embeddings, as Karlo was trained on (`unit_norm_embeddings=False`).
 """
 import ml_collections
 
-VARIANTS = ("tiny", "base", "paper")
+VARIANTS = ("tiny", "base", "paper", "karlo")
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
@@ -64,12 +72,17 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         use_text_encodings=True,
         use_text_embed=False,
         context_dim=128,
+        null_text_tokens=0,
         use_low_res=False,
         low_res_resize="bicubic",
         use_noise_level=False,
         remat="none",
     )
     conditioning = dict(image_embed_dim=64, text_len=32, text_width=128)
+    # True: the decoder is conditioned on unit-norm CLIP embeddings (the paper); False: on CLIP's
+    # projected embeddings as they come (Karlo), and on the pooled text embedding too when
+    # model.use_text_embed
+    config.unit_norm_embeddings = variant != "karlo"
     config.clip_dir = ""  # CLIP training workdir or transformers CLIP directory; "" = <workdir>/../clip
     # "" = the frozen CLIP encodes every batch; else the `dalle2-jax embed` output of this train
     # split (row i = example i, checked on its captions; needs augment="center_crop", no flips):
@@ -174,6 +187,23 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         config.optimizer.update(learning_rate=1.2e-4, warmup_steps=10_000)
         config.ema.decay = 0.9999
         config.mesh.fsdp = 8
+
+    elif variant == "karlo":
+        model.update(image_size=64, learned_variance=True, channels=(320, 640, 960, 1280), num_res_blocks=3,
+                     attention_resolutions=(32, 16, 8), head_dim=64, num_groups=32, resblock_updown=True,
+                     context_dim=1536, use_text_embed=True, null_text_tokens=2, remat="block")
+        conditioning.update(image_embed_dim=768, text_len=77, text_width=768)
+        # diffusers' UnCLIPPipeline decoder defaults: 25 steps at guidance 8
+        diffusion.update(sampler="ddpm", sampling_steps=25, eta=0.0, objective="eps", guidance_scale=8.0,
+                         snr_gamma=0.0)
+        config.compute_dtype = "bfloat16"
+        config.total_steps = 10_000
+        config.batch_size = 64
+        config.optimizer.update(learning_rate=1e-5, warmup_steps=500, schedule="constant")
+        config.ema.decay = 0.9999
+        # Fine-tune imported weights with --config.init_from=DIR (a converted pipeline or the diffusers
+        # UnCLIP directory)
+        config.init_from = ""
 
     config.model = ml_collections.ConfigDict(model)
     config.model.dtype = config.get_ref("compute_dtype")

@@ -15,7 +15,7 @@ import math
 
 import ml_collections
 
-VARIANTS = ("tiny", "base", "paper", "bench")
+VARIANTS = ("tiny", "base", "paper", "bench", "karlo")
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
@@ -103,6 +103,22 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         config.batch_size = 4096
         config.optimizer.warmup_steps = 10_000
         config.mesh.fsdp = 8
+    elif variant == "karlo":
+        # Karlo v1 alpha's prior (diffusers' PriorTransformer defaults, ViT-L/14 CLIP): 20 layers of
+        # width 2048, 32 heads, 81 positions, x0 prediction on clip_mean/clip_std-standardised
+        # embeddings, raw z_t, the empty caption as the unconditional text, x0 clipped to +-5.
+        # Fine-tune imported weights with --config.init_from=DIR (a converted pipeline or the
+        # diffusers directory); the data must hold raw (not unit-normalised) CLIP embeddings.
+        from dalle2_jax.convert.karlo_prior import KARLO_PRIOR_CONFIG, KARLO_PRIOR_SCHEDULER, prior_config_from_diffusers
+
+        karlo = prior_config_from_diffusers(KARLO_PRIOR_CONFIG, KARLO_PRIOR_SCHEDULER)
+        config.model.update({k: v for k, v in karlo.model.to_dict().items() if k != "dtype"})
+        config.diffusion.update({k: v for k, v in karlo.diffusion.to_dict().items() if k != "objective"})
+        config.data.text_len = None
+        config.batch_size = 64
+        config.total_steps = 1_000
+        config.optimizer.update(learning_rate=1.0e-5, warmup_steps=100)
+        config.init_from = ""
     elif variant == "bench":
         config.model.update(embed_dim=512, text_encoding_dim=512, max_text_len=77, width=512, depth=6,
                             num_heads=8, embed_scale=math.sqrt(512))

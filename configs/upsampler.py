@@ -1,4 +1,4 @@
-"""Upsampler configs: `get_config("tiny" | "base" | "paper_256" | "paper_1024")`.
+"""Upsampler configs: `get_config("tiny" | "base" | "paper_256" | "paper_1024" | "karlo_256")`.
 
 `config.model` fills `dalle2_jax.models.unet.UNet` by keyword: no attention, no
 CLIP conditioning, the low-resolution image (`config.low_res_size`) resized to
@@ -16,12 +16,16 @@ Paper numbers (Ramesh et al. 2022, Appendix C, Table 3), counted with
 `jax.eval_shape`:
   paper_256: 320 channels x (1, 2, 3, 4), 3 blocks per level, 64 -> 256: 730M
     (paper 700M; the layout of Karlo's public 64 -> 256 upsampler), 27 DDIM steps.
+  karlo_256: exactly Karlo v1 alpha's super_res_first / super_res_last (diffusers'
+    UNet2DModel, imported by `dalle2_jax.convert.karlo_unet`): paper_256's layout
+    with the time embedding added before the second norm instead of scale-shift:
+    691.6M, as diffusers counts it; for fine-tuning imported weights.
   paper_1024: 192 channels x (1, 1, 2, 2, 4, 4), 2 blocks per level (ADM's 256px
     super-resolution layout), 256 -> 1024: 282M (paper 300M), 15 DDIM steps.
 """
 import ml_collections
 
-VARIANTS = ("tiny", "base", "paper_256", "paper_1024")
+VARIANTS = ("tiny", "base", "paper_256", "paper_1024", "karlo_256")
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
@@ -59,6 +63,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         use_text_encodings=False,
         use_text_embed=False,
         context_dim=0,
+        null_text_tokens=0,
         use_low_res=True,
         low_res_resize="bicubic",
         use_noise_level=False,
@@ -159,6 +164,21 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         config.optimizer.update(learning_rate=1.0e-4, warmup_steps=10_000)
         config.ema.decay = 0.9999
         config.mesh.fsdp = 8
+
+    elif variant == "karlo_256":
+        config.low_res_size = 64
+        model.update(image_size=256, channels=(320, 640, 960, 1280), num_res_blocks=3, num_groups=32,
+                     scale_shift_norm=False, remat="block")
+        # diffusers' UnCLIPPipeline: 7 super-resolution steps
+        diffusion.update(sampler="ddpm", sampling_steps=7, objective="eps", snr_gamma=0.0)
+        config.compute_dtype = "bfloat16"
+        config.total_steps = 10_000
+        config.batch_size = 64
+        config.optimizer.update(learning_rate=1e-5, warmup_steps=500, schedule="constant")
+        config.ema.decay = 0.9999
+        # Fine-tune imported weights with --config.init_from=DIR (a converted pipeline or the diffusers
+        # UnCLIP directory)
+        config.init_from = ""
 
     config.model = ml_collections.ConfigDict(model)
     config.model.dtype = config.get_ref("compute_dtype")

@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="read every step back completely (metadata, every array, the iterator state)")
 
+    p = command("convert", help="import public weights into this project's pipeline format")
+    p.add_argument("format", choices=("unclip",), help="unclip: a diffusers UnCLIP directory (Karlo)")
+    p.add_argument("src", help="the directory to import (with model_index.json)")
+    p.add_argument("--out", required=True, help="pipeline directory to write (atomically)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="parameter and compute dtype of the written pipeline (default float32)")
+
     sub.add_parser("bench", help="benchmarks; `dalle2-jax bench --help` for modes", add_help=False)
     sub.add_parser("launch", help="run a command as N local processes forming one JAX run: "
                                   "launch --processes N -- train ...", add_help=False)
@@ -238,6 +245,15 @@ def _run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, extr
             serve(args.model, host=args.host, port=args.port, share=args.share)
         except (ValueError, FileNotFoundError) as error:
             raise SystemExit(f"dalle2-jax serve: error: {error}") from None
+
+    elif args.command == "convert":
+        from dalle2_jax.convert.unclip import is_unclip_dir
+        from dalle2_jax.pipeline import UnCLIPPipeline
+
+        if not is_unclip_dir(args.src):
+            parser.error(f"src: {args.src!r} is not a diffusers UnCLIP directory (no model_index.json)")
+        UnCLIPPipeline.from_pretrained(args.src, dtype=args.dtype).save_pretrained(args.out)
+        print(f"wrote {args.out}")
     else:
         from dalle2_jax.pipeline_cli import run_pipeline_command
 

@@ -57,6 +57,12 @@ def _kernel_rows(params, name: str) -> int | None:
     return None if layer is None else int(np.shape(layer["kernel"])[0])
 
 
+def _null_text_shape(params) -> tuple[int, int] | None:
+    tree = params.get("params", params) if hasattr(params, "get") else {}
+    null = tree.get("null_text_encodings") if hasattr(tree, "get") else None
+    return None if null is None else tuple(int(n) for n in np.shape(null))
+
+
 def _check_images(images, name: str, batch: int | None = None, channels: int = 3) -> jax.Array:
     shape = np.shape(images)
     if len(shape) != 4 or shape[-1] != channels or 0 in shape or (batch is not None and shape[0] != batch):
@@ -87,8 +93,11 @@ def decoder_conditioning(unet, params, batch: int, *, image_embed=None, text_enc
     if unet.use_text_encodings:
         width = _kernel_rows(params, "text_encodings_proj")
         if text_encodings is None:
-            text_encodings = jnp.zeros((batch, 1, width or unet.context_dim), jnp.float32)
-            text_mask = jnp.ones((batch, 1), bool)
+            # a UNet that stores its null caption (Karlo's empty caption) takes text of its length
+            stored = _null_text_shape(params) if unet.null_text_tokens else None
+            length, width = stored if stored is not None else (1, width or unet.context_dim)
+            text_encodings = jnp.zeros((batch, length, width), jnp.float32)
+            text_mask = jnp.ones((batch, length), bool)
             drop_text = jnp.ones((batch,), bool)
         shape = np.shape(text_encodings)
         if len(shape) != 3 or shape[0] != batch or (width is not None and shape[2] != width):
@@ -145,10 +154,10 @@ def _denoiser(unet, params, guidance_scale, uncond, guided: bool):
 
 
 def _run_sampler(unet, denoiser, rng, x_T, cond, schedule, *, sampler, eta, objective, clip_denoised,
-                 dynamic_threshold):
+                 dynamic_threshold, clip_range=1.0):
     # eta is static: at 0 the DDIM loop draws no noise at all (half the compile time of a traced eta).
     options = dict(cond=cond, objective=objective, learned_variance=unet.learned_variance,
-                   clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold)
+                   clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold, clip_range=clip_range)
     if sampler == "ddim":
         x0 = diffusion.ddim_sample(denoiser, x_T, schedule, rng, eta=eta, **options)
     else:
@@ -247,16 +256,30 @@ def invert_images(unet, params, images, *, image_embed=None, text_encodings=None
                            fixed_point_iters=int(fixed_point_iters))
 
 
+def _last_step_switch(unet, params, last_step_params, schedule):
+    """A denoiser running `last_step_params` at the schedule's last step (timestep
+    schedule.timesteps[0]) and `params` before it: Karlo's super_res_last / super_res_first."""
+    if last_step_params is None:
+        return functools.partial(unet.apply, params)
+    last_t = schedule.timesteps[0]
+
+    def denoiser(x, t, **cond):
+        return jax.lax.cond(t[0] == last_t, lambda: unet.apply(last_step_params, x, t, **cond),
+                            lambda: unet.apply(params, x, t, **cond))
+
+    return denoiser
+
+
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _upsample_program(unet, params, rng, x_T, low_res, noise_level, schedule, *, shape, sampler, eta, objective,
-                      clip_denoised, dynamic_threshold, guided):
+def _upsample_program(unet, params, last_step_params, rng, x_T, low_res, noise_level, schedule, *, shape, sampler,
+                      eta, objective, clip_denoised, dynamic_threshold, guided):
     del guided
     x_T, sample_key = _initial_noise(rng, x_T, shape)
     low_res = jax.image.resize(low_res, shape[:3] + (low_res.shape[-1],), unet.low_res_resize)
     cond = {"low_res": low_res}
     if noise_level is not None:
         cond["noise_level"] = noise_level
-    denoiser = functools.partial(unet.apply, params)
+    denoiser = _last_step_switch(unet, params, last_step_params, schedule)
     return _run_sampler(unet, denoiser, sample_key, x_T, cond, schedule, sampler=sampler, eta=eta,
                         objective=objective, clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold)
 
@@ -264,10 +287,12 @@ def _upsample_program(unet, params, rng, x_T, low_res, noise_level, schedule, *,
 def upsample_images(unet, params, rng, low_res, *, schedule: diffusion.DiffusionSchedule, steps: int,
                     out_size=None, sampler: str = "ddim", eta: float = 0.0, x_T=None, objective: str = "eps",
                     clip_denoised: bool = True, dynamic_threshold: float | None = None,
-                    noise_level: int = 0) -> jax.Array:
+                    noise_level: int = 0, last_step_params=None) -> jax.Array:
     """Super-resolve `low_res` (B, h, w, 3) in [-1, 1] to (B, H, W, 3), H, W = out_size (default
     the UNet's image_size); the low-res image is resized once, inside the program. `noise_level`
-    is the augmentation level fed to a `use_noise_level` UNet (0: a clean low-res image)."""
+    is the augmentation level fed to a `use_noise_level` UNet (0: a clean low-res image).
+    `last_step_params` (variables of the same UNet) run the last step instead of `params`
+    (Karlo's super_res_last)."""
     eta = _check_sampler(sampler, eta)
     if not unet.use_low_res:
         raise ValueError("unet: expected an upsampler UNet (use_low_res=True)")
@@ -282,7 +307,7 @@ def upsample_images(unet, params, rng, low_res, *, schedule: diffusion.Diffusion
         if isinstance(noise_level, bool) or not isinstance(noise_level, (int, np.integer)) or noise_level < 0:
             raise ValueError(f"noise_level: expected an int >= 0, got {noise_level!r}")
         level = jnp.full((batch,), noise_level, jnp.int32)
-    return _upsample_program(unet, params, rng, x_T, low_res, level, respaced(schedule, steps),
+    return _upsample_program(unet, params, last_step_params, rng, x_T, low_res, level, respaced(schedule, steps),
                              shape=shape, sampler=sampler, eta=eta, objective=objective,
                              clip_denoised=bool(clip_denoised),
                              dynamic_threshold=dynamic_threshold, guided=False)

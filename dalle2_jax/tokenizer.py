@@ -26,7 +26,7 @@ TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_CONTEXT_LENGTH = 77
 
 
-def _check_captions(captions, name: str = "captions") -> list[str]:
+def _check_captions(captions, name: str = "captions", allow_empty: bool = False) -> list[str]:
     if isinstance(captions, str) or not isinstance(captions, Sequence):
         raise ValueError(f"{name}: expected a list of strings, got {type(captions).__name__}")
     if not captions:
@@ -34,7 +34,7 @@ def _check_captions(captions, name: str = "captions") -> list[str]:
     for i, caption in enumerate(captions):
         if not isinstance(caption, str):
             raise ValueError(f"{name}[{i}]: expected a string, got {type(caption).__name__}")
-        if not caption.strip():
+        if not allow_empty and not caption.strip():
             raise ValueError(f"{name}[{i}]: expected a non-empty caption, got {caption!r}")
     return list(captions)
 
@@ -93,9 +93,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def __call__(self, captions: list[str]) -> dict[str, np.ndarray]:
-        """captions -> {"input_ids": int32 (B, context_length), "attention_mask": int32 (B, context_length)}."""
-        encodings = self.backend.encode_batch(_check_captions(captions))
+    def __call__(self, captions: list[str], allow_empty: bool = False) -> dict[str, np.ndarray]:
+        """captions -> {"input_ids": int32 (B, context_length), "attention_mask": int32 (B, context_length)}.
+
+        allow_empty: accept "" (the unconditional caption of diffusers' UnCLIP pipelines)."""
+        encodings = self.backend.encode_batch(_check_captions(captions, allow_empty=allow_empty))
         return {
             "input_ids": np.array([e.ids for e in encodings], np.int32),
             "attention_mask": np.array([e.attention_mask for e in encodings], np.int32),

@@ -34,10 +34,10 @@ UNET = {"image_size": 8, "model_channels": 16, "channel_mult": "(1,)", "num_res_
 BATCH, STEPS = 8, 3
 
 
-def write_clip_dir(path: str, data_dir: str) -> str:
+def write_clip_dir(path: str, data_dir: str, clip_model: dict = CLIP_MODEL) -> str:
     """A CLIP workdir as `dalle2-jax train clip` leaves it (config.json, checkpoints/, tokenizer/),
     with random parameters: the decoder only needs a fixed function of images and captions."""
-    overrides = [f"--config.model.{k}={v}" for k, v in CLIP_MODEL.items()]
+    overrides = [f"--config.model.{k}={v}" for k, v in clip_model.items()]
     overrides += [f"--config.data.{k}={v}" for k, v in SHAPES_SIZES.items()] + [f"--config.data.data_dir={data_dir}"]
     config = config_util.load_config("configs/clip.py:tiny", overrides)
     model = CLIP(**config.model)

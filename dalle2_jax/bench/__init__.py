@@ -1,7 +1,8 @@
 """`python -m dalle2_jax.bench MODE [options] [--config.KEY=VALUE ...]`: prints one JSON object.
 
 Modes: unet-train, unet-sample (dalle2_jax.bench.unet), prior-train,
-prior-sample (dalle2_jax.bench.prior). Timings are medians after warm-up
+prior-sample (dalle2_jax.bench.prior), karlo-generate (dalle2_jax.bench.karlo: Karlo end to end
+against diffusers' UnCLIPPipeline, each in its own process). Timings are medians after warm-up
 calls; FLOPs come from XLA's cost analysis of the compiled step; the 2048 x
 2048 float32 matmul measured in the same run is the machine's ceiling.
 `--reference` times diffusers' UNet of the same layout in the same run
@@ -19,6 +20,7 @@ MODES = {
     "unet-sample": ("dalle2_jax.bench.unet", "unet_sample", "configs/unet.py:bench"),
     "prior-train": ("dalle2_jax.bench.prior", "prior_train", "configs/prior.py:bench"),
     "prior-sample": ("dalle2_jax.bench.prior", "prior_sample", "configs/prior.py:bench"),
+    "karlo-generate": ("dalle2_jax.bench.karlo", "karlo_generate", "configs/prior.py:karlo"),
 }
 
 
@@ -35,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reference", action="store_true",
                         help="unet-train/unet-sample: also time diffusers' UNet2DConditionModel of the same layout "
                              "in this run and report the ratios (needs torch and diffusers)")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                        help="karlo-generate: parameter and compute dtype of both sides (default float32)")
+    parser.add_argument("--size", default=None, choices=("full", "small"),
+                        help="karlo-generate: Karlo v1 alpha's shapes (default) or a scaled-down copy")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="unet-train: one device's bf16 peak TFLOP/s for ratio_to_peak (default: looked up "
                              "from the device kind; none on CPU)")

@@ -165,7 +165,14 @@ def convert_state_dict(model: CLIP, state: dict[str, np.ndarray], dtype: Any = j
     """
     dummy_ids = jax.ShapeDtypeStruct((1, model.context_length), jnp.int32)
     dummy_pixels = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), dummy_ids, dummy_pixels)["params"]
+    if len(set(model.towers)) == 2:
+        shapes = jax.eval_shape(model.init, jax.random.key(0), dummy_ids, dummy_pixels)["params"]
+    elif "text" in model.towers:
+        shapes = jax.eval_shape(lambda key, ids: model.init(key, ids, method=CLIP.encode_text),
+                                jax.random.key(0), dummy_ids)["params"]
+    else:
+        shapes = jax.eval_shape(lambda key, pixels: model.init(key, pixels, method=CLIP.encode_image),
+                                jax.random.key(0), dummy_pixels)["params"]
     flat_shapes = traverse_util.flatten_dict(shapes)
     missing, mismatched, flat = [], [], {}
     for path, expected in flat_shapes.items():

@@ -29,6 +29,7 @@ from dalle2_jax.diffusion.samplers import (
     known_region_hook,
     repaint_sample,
     repaint_schedule,
+    step_noise,
 )
 from dalle2_jax.diffusion.schedules import (
     DiffusionSchedule,
@@ -66,6 +67,7 @@ __all__ = [
     "repaint_schedule",
     "respace",
     "space_timesteps",
+    "step_noise",
     "min_snr_weights",
     "training_losses",
     "v_from_x0_eps",

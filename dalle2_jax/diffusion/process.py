@@ -129,10 +129,11 @@ def model_predictions(
     clip_denoised: bool = True,
     dynamic_threshold: float | None = None,
     fixed_variance: str = "small",
+    clip_range: float = 1.0,
 ):
     """Network output at step t -> (x0, eps, model_mean, model_log_variance), computed in >= float32.
 
-    x0 is clipped to [-1, 1] (clip_denoised) or dynamically thresholded (dynamic_threshold = the
+    x0 is clipped to [-clip_range, clip_range] (clip_denoised; Karlo's prior uses 5) or dynamically thresholded (dynamic_threshold = the
     percentile, e.g. 0.995, which takes precedence); eps is then recomputed from the processed x0, so
     that DDIM steps stay consistent with it.
     """
@@ -153,7 +154,7 @@ def model_predictions(
     if dynamic_threshold is not None:
         x0 = dynamic_threshold_x0(x0, dynamic_threshold)
     elif clip_denoised:
-        x0 = jnp.clip(x0, -1.0, 1.0)
+        x0 = jnp.clip(x0, -clip_range, clip_range)
 
     if objective == "eps" and dynamic_threshold is None and not clip_denoised:
         eps = prediction

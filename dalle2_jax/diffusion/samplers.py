@@ -32,8 +32,10 @@ def _check_cond(cond) -> dict:
     return dict(cond)
 
 
-def _check_options(objective, fixed_variance="small", dynamic_threshold=None):
+def _check_options(objective, fixed_variance="small", dynamic_threshold=None, clip_range=1.0):
     process.check_objective(objective)
+    if isinstance(clip_range, bool) or not isinstance(clip_range, (int, float, np.floating)) or clip_range <= 0:
+        raise ValueError(f"clip_range: expected a float > 0, got {clip_range!r}")
     if fixed_variance not in process.FIXED_VARIANCES:
         raise ValueError(f"fixed_variance: expected one of {process.FIXED_VARIANCES}, got {fixed_variance!r}")
     if dynamic_threshold is not None and not 0.0 < dynamic_threshold <= 1.0:
@@ -59,6 +61,12 @@ def _step_keys(rng, i):
     return keys[0], keys[1]
 
 
+def step_noise(rng, i, shape, dtype=jnp.float32) -> jax.Array:
+    """The noise `ddpm_sample` (and DDIM with eta > 0) adds at step i: replay it into another
+    implementation to compare samplers draw for draw."""
+    return jax.random.normal(_step_keys(rng, i)[0], shape, dtype)
+
+
 def _p_sample(call, sched, x, i, key, **options):
     """One ancestral step x_i -> x_{i-1} ~ N(model mean, model variance); no noise at i = 0."""
     _, _, mean, log_variance = process.model_predictions(sched, call(x, i), x, i, **options)
@@ -78,6 +86,7 @@ def ddpm_sample(
     learned_variance: bool = False,
     fixed_variance: str = "small",
     clip_denoised: bool = True,
+    clip_range: float = 1.0,
     dynamic_threshold: float | None = None,
     step_hook: StepHook | None = None,
 ) -> jax.Array:
@@ -85,13 +94,16 @@ def ddpm_sample(
 
     Variance: learned (model output's second half, learned range) or fixed_variance "small"
     (posterior beta_tilde) / "large" (beta). step_hook(x, i, rng) -> x runs after step i.
+    On a schedule respaced to an int N this is diffusers' UnCLIPScheduler step for step
+    (timesteps round(arange(N) * (T-1) / (N-1)), round half to even; "small" = its
+    fixed_small_log, learned = its learned_range, clip_range = its clip_sample_range).
     """
     cond = _check_cond(cond)
-    _check_options(objective, fixed_variance, dynamic_threshold)
+    _check_options(objective, fixed_variance, dynamic_threshold, clip_range)
     _check_rng(rng)
     call = _model_call(denoiser, sched, cond)
     options = dict(objective=objective, learned_variance=learned_variance, clip_denoised=clip_denoised,
-                   dynamic_threshold=dynamic_threshold, fixed_variance=fixed_variance)
+                   dynamic_threshold=dynamic_threshold, fixed_variance=fixed_variance, clip_range=clip_range)
 
     def step(x, i):
         noise_key, hook_key = _step_keys(rng, i)
@@ -115,6 +127,7 @@ def ddim_sample(
     objective: str = "eps",
     learned_variance: bool = False,
     clip_denoised: bool = True,
+    clip_range: float = 1.0,
     dynamic_threshold: float | None = None,
     step_hook: StepHook | None = None,
 ) -> jax.Array:
@@ -124,7 +137,7 @@ def ddim_sample(
     model output is ignored.
     """
     cond = _check_cond(cond)
-    _check_options(objective, dynamic_threshold=dynamic_threshold)
+    _check_options(objective, dynamic_threshold=dynamic_threshold, clip_range=clip_range)
     deterministic = isinstance(eta, (int, float)) and eta == 0
     if rng is None and (step_hook is not None or not deterministic):
         raise ValueError("rng: required when eta != 0 or a step_hook is given, got None")
@@ -132,7 +145,8 @@ def ddim_sample(
 
     def step(x, i):
         x0, eps, _, _ = process.model_predictions(
-            sched, call(x, i), x, i, objective, learned_variance, clip_denoised, dynamic_threshold
+            sched, call(x, i), x, i, objective, learned_variance, clip_denoised, dynamic_threshold,
+            clip_range=clip_range,
         )
         alpha_bar = sched.alphas_cumprod[i]
         alpha_bar_prev = sched.alphas_cumprod_prev[i]

@@ -35,6 +35,7 @@ ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
 }
 TEXT_POOLING = ("eos", "argmax")
+TOWERS = ("text", "vision")
 
 
 @flax.struct.dataclass
@@ -297,12 +298,28 @@ class CLIP(nn.Module):
     layer_norm_eps: float = 1e-5
     logit_scale_init: float = math.log(1 / 0.07)
     max_logit_scale: float = 100.0
+    # An imported text encoder alone (Karlo's text-to-image model) has ("text",); the contrastive
+    # logit scale exists with both towers.
+    towers: Sequence[str] = TOWERS
+    # False: the text transformer runs causal attention alone, padding included, as diffusers' UnCLIP
+    # pipelines call their text encoder (no attention_mask); real tokens' encodings are the same.
+    text_padding_mask: bool = True
     dtype: Any = jnp.float32  # compute dtype (or its name); params stay float32
 
     def setup(self):
         # setup() (not compact) because encode_text/encode_image are separate entry points.
         _check_activation(self.activation)
+        if not self.towers or any(tower not in TOWERS for tower in self.towers):
+            raise ValueError(f"towers: expected a non-empty subset of {TOWERS}, got {self.towers!r}")
         dtype = jnp.dtype(self.dtype)  # configs give it as a string
+        if "text" in self.towers:
+            self._setup_text(dtype)
+        if "vision" in self.towers:
+            self._setup_vision(dtype)
+        if len(set(self.towers)) == 2:
+            self.logit_scale = self.param("logit_scale", nn.initializers.constant(self.logit_scale_init), ())
+
+    def _setup_text(self, dtype):
         self.text_model = TextTransformer(
             self.vocab_size,
             self.context_length,
@@ -316,6 +333,14 @@ class CLIP(nn.Module):
             self.layer_norm_eps,
             dtype,
         )
+        self.text_projection = nn.Dense(
+            self.embed_dim,
+            use_bias=False,
+            dtype=dtype,
+            kernel_init=nn.initializers.normal(self.text_width**-0.5),
+        )
+
+    def _setup_vision(self, dtype):
         self.vision_model = VisionTransformer(
             self.image_size,
             self.patch_size,
@@ -327,22 +352,21 @@ class CLIP(nn.Module):
             self.layer_norm_eps,
             dtype,
         )
-        self.text_projection = nn.Dense(
-            self.embed_dim,
-            use_bias=False,
-            dtype=dtype,
-            kernel_init=nn.initializers.normal(self.text_width**-0.5),
-        )
         self.visual_projection = nn.Dense(
             self.embed_dim,
             use_bias=False,
             dtype=dtype,
             kernel_init=nn.initializers.normal(self.vision_width**-0.5),
         )
-        self.logit_scale = self.param("logit_scale", nn.initializers.constant(self.logit_scale_init), ())
+
+    def _require(self, tower: str, part: str):
+        if tower not in self.towers:
+            raise ValueError(f"model: this CLIP has no {tower} tower ({part}); it was loaded with towers "
+                             f"{tuple(self.towers)}")
 
     def encode_text(self, input_ids, attention_mask=None) -> Encoded:
         """input_ids (B, L) int -> Encoded(embeds (B, D), encodings (B, L, text_width), mask (B, L))."""
+        self._require("text", "text_encoder")
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}")
         if attention_mask is None:
@@ -351,12 +375,14 @@ class CLIP(nn.Module):
             raise ValueError(
                 f"attention_mask must have the shape of input_ids {input_ids.shape}, got {attention_mask.shape}"
             )
-        encodings, pooled = self.text_model(input_ids, attention_mask)
+        keys_mask = attention_mask if self.text_padding_mask else jnp.ones_like(attention_mask)
+        encodings, pooled = self.text_model(input_ids, keys_mask)
         return Encoded(self.text_projection(pooled), encodings, attention_mask)
 
     def encode_image(self, pixel_values) -> Encoded:
         """pixel_values (B, H, W, 3), CLIP-normalised -> Encoded(embeds (B, D),
         encodings (B, 1 + num_patches, vision_width), mask of ones)."""
+        self._require("vision", "image_encoder")
         encodings, pooled = self.vision_model(pixel_values)
         mask = jnp.ones(encodings.shape[:2], jnp.int32)
         return Encoded(self.visual_projection(pooled), encodings, mask)

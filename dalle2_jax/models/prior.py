@@ -9,6 +9,11 @@ embedding size. With `objective="x0"` it predicts the clean z_i (Ramesh et al.
 
 Embeddings live on the prior's scale inside the diffusion process: unit norm
 times `embed_scale` (`to_prior_scale`); samples go back to CLIP's unit norm.
+Karlo's prior (`embed_norm="clip_mean_std"`) instead standardises them with learned
+`clip_mean`/`clip_std` and samples come back unnormalised; it also takes the raw z_t
+(`normalize_text_embed=False`), guides against the empty caption instead of learned null
+text (`learned_null_text=False`) and masks padded text keys by adding -10000
+(`attention_mask_value`), as diffusers' PriorTransformer.
 `sample_image_embeddings` draws k candidates per caption with guidance and keeps
 the one closest to z_t; `prior_loss` is the training objective.
 """
@@ -27,6 +32,7 @@ from dalle2_jax import diffusion
 
 OBJECTIVES = ("x0", "eps", "v")
 SAMPLERS = ("ddim", "ddpm")
+EMBED_NORMS = ("unit", "clip_mean_std")
 # Tokens after the text tokens: z_t, timestep, noised z_i, final query.
 NUM_EXTRA_TOKENS = 4
 
@@ -71,6 +77,7 @@ class SelfAttention(nn.Module):
 
     num_heads: int
     dtype: Any = jnp.float32
+    mask_value: float | None = None  # None: masked keys get no weight; a float is added (diffusers: -10000)
 
     @nn.compact
     def __call__(self, queries, inputs, mask, cached_kv=None):
@@ -85,7 +92,10 @@ class SelfAttention(nn.Module):
         all_k, all_v = (k, v) if cached_kv is None else (
             jnp.concatenate([cached_kv["k"], k], axis=1), jnp.concatenate([cached_kv["v"], v], axis=1))
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, all_k).astype(jnp.float32) / math.sqrt(head_dim)
-        logits = jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
+        if self.mask_value is None:
+            logits = jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
+        else:
+            logits = logits + jnp.where(mask[:, None], 0.0, self.mask_value)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, all_v)
         out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="to_out")(out)
@@ -103,6 +113,7 @@ class PriorBlock(nn.Module):
     mlp_dim: int
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    mask_value: float | None = None
 
     @nn.compact
     def __call__(self, x, mask, *, cached_kv=None, last_token_only: bool = False, train: bool = False):
@@ -110,7 +121,7 @@ class PriorBlock(nn.Module):
         h = layer_norm(name="norm1")(x)
         if last_token_only:
             x, mask = x[:, -1:], mask[:, -1:]
-        attended, kv = SelfAttention(self.num_heads, dtype=self.dtype, name="attn1")(
+        attended, kv = SelfAttention(self.num_heads, dtype=self.dtype, mask_value=self.mask_value, name="attn1")(
             h[:, -x.shape[1]:], h, mask, cached_kv)
         x = x + nn.Dropout(self.dropout, deterministic=not train)(attended)
 
@@ -152,6 +163,10 @@ class DiffusionPrior(nn.Module):
     dropout: float = 0.0
     embed_scale: float | None = None  # None: sqrt(embed_dim)
     objective: str = "x0"
+    embed_norm: str = "unit"  # "clip_mean_std": (z_i - clip_mean) / clip_std, learned (Karlo)
+    normalize_text_embed: bool = True  # False: z_t enters as given (Karlo: unnormalised)
+    learned_null_text: bool = True  # False: guidance uses the empty caption's text (Karlo)
+    attention_mask_value: float | None = None  # diffusers adds -10000 on masked keys
     dtype: Any = "float32"
 
     @property
@@ -163,6 +178,8 @@ class DiffusionPrior(nn.Module):
     def setup(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective: expected one of {OBJECTIVES}, got {self.objective!r}")
+        if self.embed_norm not in EMBED_NORMS:
+            raise ValueError(f"embed_norm: expected one of {EMBED_NORMS}, got {self.embed_norm!r}")
         dtype = jnp.dtype(self.dtype)
         dense = functools.partial(nn.Dense, self.width, dtype=dtype)
         init = nn.initializers.normal(0.02)
@@ -172,15 +189,20 @@ class DiffusionPrior(nn.Module):
         self.time_embedding_linear_2 = dense()
         self.proj_in = dense()
         self.prd_embedding = self.param("prd_embedding", init, (self.width,))
-        # Guidance-free examples see these in place of the text, every position attended.
-        self.null_text_encodings = self.param("null_text_encodings", init, (self.max_text_len, self.width))
-        self.null_text_embed = self.param("null_text_embed", init, (self.width,))
+        if self.learned_null_text:
+            # Guidance-free examples see these in place of the text, every position attended.
+            self.null_text_encodings = self.param("null_text_encodings", init, (self.max_text_len, self.width))
+            self.null_text_embed = self.param("null_text_embed", init, (self.width,))
+        if self.embed_norm == "clip_mean_std":
+            self.clip_mean = self.param("clip_mean", nn.initializers.zeros, (self.embed_dim,))
+            self.clip_std = self.param("clip_std", nn.initializers.ones, (self.embed_dim,))
         # Text positions count from 0 and the extra tokens sit after max_text_len, so
         # shorter padded text gives the same result as the full-length layout.
         self.positional_embedding = self.param(
             "positional_embedding", init, (self.max_text_len + NUM_EXTRA_TOKENS, self.width))
         self.transformer_blocks = [
-            PriorBlock(self.num_heads, int(self.mlp_ratio * self.width), dropout=self.dropout, dtype=dtype)
+            PriorBlock(self.num_heads, int(self.mlp_ratio * self.width), dropout=self.dropout, dtype=dtype,
+                       mask_value=self.attention_mask_value)
             for _ in range(self.depth)]
         self.norm_out = nn.LayerNorm(epsilon=_LAYER_NORM_EPS, dtype=dtype)
         self.proj_to_clip_embeddings = nn.Dense(self.embed_dim, dtype=dtype)
@@ -218,14 +240,31 @@ class DiffusionPrior(nn.Module):
             x, _ = block(x, mask, cached_kv=kv, last_token_only=i == self.depth - 1)
         return self._output(x[:, -1])
 
+    def normalize_embed(self, image_embed):
+        """CLIP image embeddings (B, D) -> the space the diffusion runs in."""
+        if self.embed_norm == "clip_mean_std":
+            return (image_embed.astype(jnp.float32) - self.clip_mean) / self.clip_std
+        return to_prior_scale(image_embed, self.scale)
+
+    def unnormalize_embed(self, x):
+        """Samples of the diffusion -> CLIP image embeddings (unit norm, or Karlo's unnormalised)."""
+        if self.embed_norm == "clip_mean_std":
+            return x.astype(jnp.float32) * self.clip_std + self.clip_mean
+        return from_prior_scale(x)
+
     def _text_tokens(self, text_embed, text_encodings, text_mask, drop_text):
         """Text tokens and the z_t token with positions, (B, L + 1, width), and which are real."""
         dtype = jnp.dtype(self.dtype)
         text_len = text_encodings.shape[1]
         tokens = self.encoder_hidden_states_proj(text_encodings.astype(dtype))
-        embed_token = self.embedding_proj(to_prior_scale(text_embed, self.scale).astype(dtype))
+        if self.normalize_text_embed:
+            text_embed = to_prior_scale(text_embed, self.scale)
+        embed_token = self.embedding_proj(text_embed.astype(dtype))
         text_is_real = text_mask.astype(bool)
         if drop_text is not None:
+            if not self.learned_null_text:
+                raise ValueError("drop_text: this prior has no learned null text (learned_null_text=False); "
+                                 "pass the empty caption's text instead")
             drop_text = jnp.asarray(drop_text, bool)
             tokens = jnp.where(drop_text[:, None, None], self.null_text_encodings[:text_len].astype(dtype), tokens)
             embed_token = jnp.where(drop_text[:, None], self.null_text_embed.astype(dtype), embed_token)
@@ -273,11 +312,29 @@ class DiffusionPrior(nn.Module):
             raise ValueError(f"t: expected shape ({batch},), got {jnp.shape(t)}")
 
 
+def _null_text_rows(model: DiffusionPrior, null_text, batch: int, text_len: int):
+    """The empty caption's (text_embed, text_encodings, text_mask), checked and broadcast to the batch."""
+    if null_text is None or len(null_text) != 3:
+        raise ValueError("null_text: a prior without learned null text (learned_null_text=False) needs the empty "
+                         "caption's (text_embed, text_encodings, text_mask)")
+    embed, encodings, mask = (jnp.asarray(a) for a in null_text)
+    shapes = ((model.embed_dim,), (text_len, model.text_encoding_dim), (text_len,))
+    out = []
+    for name, value, shape in zip(("text_embed", "text_encodings", "text_mask"), (embed, encodings, mask), shapes):
+        if value.shape[-len(shape):] != shape or value.ndim not in (len(shape), len(shape) + 1):
+            raise ValueError(f"null_text: expected its {name} of shape {shape} or (B, *{shape}), got {value.shape}")
+        out.append(jnp.broadcast_to(value, (batch,) + shape))
+    return out
+
+
 def prior_loss(model: DiffusionPrior, params, rng, *, image_embed, text_embed, text_encodings, text_mask,
-               schedule: diffusion.DiffusionSchedule, text_drop_prob: float = 0.1, train: bool = True):
+               schedule: diffusion.DiffusionSchedule, text_drop_prob: float = 0.1, train: bool = True,
+               null_text=None):
     """Diffusion loss of a batch of CLIP embeddings: (mean loss, metrics).
 
     Timesteps, noise and the guidance text drops (probability `text_drop_prob`) are drawn from `rng`.
+    A prior without learned null text sees `null_text` (the empty caption's text_embed,
+    text_encodings, text_mask) in place of a dropped caption.
     """
     if not 0.0 <= text_drop_prob <= 1.0:
         raise ValueError(f"text_drop_prob: expected a probability in [0, 1], got {text_drop_prob}")
@@ -285,14 +342,20 @@ def prior_loss(model: DiffusionPrior, params, rng, *, image_embed, text_embed, t
         raise ValueError(f"image_embed: expected the shape of text_embed {text_embed.shape}, got {image_embed.shape}")
     t_key, noise_key, drop_key, dropout_key = jax.random.split(rng, 4)
     batch = image_embed.shape[0]
-    x_start = to_prior_scale(image_embed, model.scale)
+    x_start = model.apply(params, image_embed, method="normalize_embed")
     t = jax.random.randint(t_key, (batch,), 0, schedule.num_timesteps)
     noise = jax.random.normal(noise_key, x_start.shape)
     x_t = diffusion.q_sample(schedule, x_start, t, noise)
     drop_text = jax.random.bernoulli(drop_key, text_drop_prob, (batch,))
-    prediction = model.apply(params, x_t, schedule.timesteps[t], text_embed=text_embed,
-                             text_encodings=text_encodings, text_mask=text_mask, drop_text=drop_text,
-                             train=train, rngs={"dropout": dropout_key})
+    text = dict(text_embed=text_embed, text_encodings=text_encodings, text_mask=text_mask)
+    if model.learned_null_text:
+        text["drop_text"] = drop_text
+    else:
+        null = _null_text_rows(model, null_text, batch, text_encodings.shape[1])
+        text = {key: jnp.where(drop_text.reshape((batch,) + (1,) * (value.ndim - 1)), empty.astype(value.dtype),
+                               value)
+                for (key, value), empty in zip(text.items(), null)}
+    prediction = model.apply(params, x_t, schedule.timesteps[t], **text, train=train, rngs={"dropout": dropout_key})
     losses = diffusion.training_losses(schedule, prediction, x_start=x_start, x_t=x_t, t=t, noise=noise,
                                        objective=model.objective)
     metrics = {"loss": jnp.mean(losses["loss"]), "mse": jnp.mean(losses["mse"]),
@@ -313,14 +376,18 @@ def rerank_by_similarity(candidates: jax.Array, text_embed: jax.Array) -> jax.Ar
 def sample_image_embeddings(model: DiffusionPrior, params, rng, *, text_embed, text_encodings, text_mask,
                             schedule: diffusion.DiffusionSchedule, steps: int = 64, sampler: str = "ddim",
                             guidance_scale: float | None = 4.0, num_candidates: int = 2,
-                            eta: float = 0.0) -> jax.Array:
-    """CLIP image embeddings `(B, D)`, unit norm, for B captions.
+                            eta: float = 0.0, null_text=None, clip_range: float | None = None,
+                            x_T=None) -> jax.Array:
+    """CLIP image embeddings `(B, D)` for B captions (unit norm; Karlo's: unnormalised).
 
     Draws `num_candidates` embeddings per caption as one batch of B * k and keeps the one
     closest to z_t (`rerank_by_similarity`). `schedule` is the training schedule, respaced
     here to `steps` (that needs concrete arrays: under `jax.jit` pass a schedule already
     respaced to `steps`, as `sample_image_embeddings_jit` does). Classifier-free guidance runs
-    the text and null-text halves as one batch; `guidance_scale=None` samples unguided.
+    the text and null-text halves as one batch; `guidance_scale=None` samples unguided. A prior
+    without learned null text is guided against `null_text` (the empty caption's text_embed,
+    text_encodings, text_mask). `clip_range` clips the predicted x0 (Karlo: 5; None: no clipping).
+    `x_T` (B * num_candidates, D) replaces the initial noise.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
@@ -338,26 +405,35 @@ def sample_image_embeddings(model: DiffusionPrior, params, rng, *, text_embed, t
         cond = {"text_cache": model.apply(params, *text, method="encode_text")}
     else:
         # Text and null text are encoded as one batch [cond; uncond], split for the guidance.
-        drop_text = jnp.arange(2 * num_samples) >= num_samples
-        both = model.apply(params, *[jnp.concatenate([a, a]) for a in text], drop_text,
-                           method="encode_text")
+        if model.learned_null_text:
+            drop_text = jnp.arange(2 * num_samples) >= num_samples
+            both = model.apply(params, *[jnp.concatenate([a, a]) for a in text], drop_text,
+                               method="encode_text")
+        else:
+            null = _null_text_rows(model, null_text, num_samples, text_encodings.shape[1])
+            both = model.apply(params, *[jnp.concatenate([a, b.astype(a.dtype)]) for a, b in zip(text, null)],
+                               method="encode_text")
         cond = {"text_cache": jax.tree.map(lambda a: a[:num_samples], both)}
         uncond = {"text_cache": jax.tree.map(lambda a: a[num_samples:], both)}
         denoiser = diffusion.classifier_free_guidance(denoiser, guidance_scale, uncond=uncond)
 
     noise_key, sample_key = jax.random.split(rng)
-    x_T = jax.random.normal(noise_key, (num_samples, model.embed_dim))
-    options = dict(cond=cond, objective=model.objective, clip_denoised=False)
+    if x_T is None:
+        x_T = jax.random.normal(noise_key, (num_samples, model.embed_dim))
+    elif jnp.shape(x_T) != (num_samples, model.embed_dim):
+        raise ValueError(f"x_T: expected shape ({num_samples}, {model.embed_dim}), got {jnp.shape(x_T)}")
+    options = dict(cond=cond, objective=model.objective, clip_denoised=clip_range is not None,
+                   clip_range=1.0 if clip_range is None else clip_range)
     if sampler == "ddim":
         x_0 = diffusion.ddim_sample(denoiser, x_T, schedule, sample_key, eta=eta, **options)
     else:
         x_0 = diffusion.ddpm_sample(denoiser, x_T, schedule, sample_key, **options)
-    candidates = from_prior_scale(x_0).reshape(batch, num_candidates, model.embed_dim)
+    candidates = model.apply(params, x_0, method="unnormalize_embed").reshape(batch, num_candidates, model.embed_dim)
     return rerank_by_similarity(candidates, text_embed)
 
 
 _sample_jitted = jax.jit(sample_image_embeddings,
-                         static_argnames=("model", "steps", "sampler", "num_candidates", "eta"))
+                         static_argnames=("model", "steps", "sampler", "num_candidates", "eta", "clip_range"))
 
 
 def sample_image_embeddings_jit(model: DiffusionPrior, params, rng, *, schedule: diffusion.DiffusionSchedule,

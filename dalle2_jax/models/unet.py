@@ -8,7 +8,12 @@ One module, `UNet`, configured by its fields (`UNet(**config.model)`):
   context tokens, the CLIP text token encodings are projected and appended to
   the context, and each attention attends over [context tokens; image tokens]
   (GLIDE's encoder_kv, diffusers' AttnAddedKVProcessor). Learned null values
-  replace the image embedding / text where `drop_image` / `drop_text` is set.
+  replace the image embedding / text where `drop_image` / `drop_text` is set:
+  one null context token by default, or with `null_text_tokens` > 0 a stored
+  caption encoding (Karlo: CLIP's encoding of the empty caption, which
+  diffusers' UnCLIP pipelines use for the unconditional half) that goes through
+  the same projection. With `use_text_embed` (Karlo's UnCLIPTextProjModel) the
+  pooled text embedding is projected onto the timestep embedding as well.
 - upsampler: the same network without attention or CLIP conditioning; its input
   is the noisy image concatenated with the low-resolution image resized to the
   same size, and an optional noise-augmentation level is embedded like the
@@ -302,6 +307,11 @@ class UNet(nn.Module):
     use_text_encodings: bool = False
     use_text_embed: bool = False  # Karlo: pooled text embedding added to the time embedding
     context_dim: int = 512
+    # 0: a dropped caption is one learned context token. > 0: it is the parameter
+    # `null_text_encodings` (text_len, text_width), an encoding like the inputs' (Karlo: CLIP's
+    # encoding of the empty caption), projected as they are, its first `null_text_tokens`
+    # positions unmasked (CLIP's empty caption: the start and end tokens, 2)
+    null_text_tokens: int = 0
     # > 0: the image embedding enters as (image_embed - image_embed_mean) / image_embed_std, the
     # training set's statistics: unit-norm CLIP embeddings share a large common direction and
     # vary by ~0.07 per dimension, which the conditioning layers would otherwise learn slowly
@@ -357,6 +367,9 @@ class UNet(nn.Module):
             raise ValueError(f"remat: expected 'none' or 'block', got {self.remat!r}")
         if self.use_low_res and self.low_res_resize not in _RESIZE_METHODS:
             raise ValueError(f"low_res_resize: expected one of {_RESIZE_METHODS}, got {self.low_res_resize!r}")
+        if isinstance(self.null_text_tokens, bool) or not isinstance(self.null_text_tokens, int) \
+                or self.null_text_tokens < 0:
+            raise ValueError(f"null_text_tokens: expected an int >= 0, got {self.null_text_tokens!r}")
         if (self.use_text_encodings or self.use_image_embed) and self.context_dim <= 0:
             raise ValueError(f"context_dim: expected a positive width, got {self.context_dim}")
 
@@ -506,16 +519,34 @@ class UNet(nn.Module):
                 if mask.shape != (batch, length):
                     raise ValueError(f"text_mask: expected shape ({batch}, {length}), got {mask.shape}")
                 mask = mask.astype(bool)
+            drop = _drop_flags(drop_text, batch, "drop_text")
+            if self.null_text_tokens:
+                null = self._null_text_encodings(text_encodings.shape[1:])
+                text_encodings = jnp.where(drop[:, None, None], null[None], text_encodings)
+                mask = jnp.where(drop[:, None], (jnp.arange(length) < self.null_text_tokens)[None], mask)
             text = dense(self.context_dim, "text_encodings_proj")(text_encodings)
             text = nn.LayerNorm(epsilon=1e-5, dtype=dtype, name="text_encodings_norm")(text)
-            # A dropped caption becomes one learned null token; the other positions are masked.
-            null = self.param("null_text_encoding", nn.initializers.normal(0.02), (self.context_dim,))
-            drop = _drop_flags(drop_text, batch, "drop_text")
-            text = jnp.where(drop[:, None, None], null.astype(text.dtype)[None, None], text)
-            mask = jnp.where(drop[:, None], (jnp.arange(length) == 0)[None], mask)
+            if not self.null_text_tokens:
+                # A dropped caption becomes one learned null token; the other positions are masked.
+                null = self.param("null_text_encoding", nn.initializers.normal(0.02), (self.context_dim,))
+                text = jnp.where(drop[:, None, None], null.astype(text.dtype)[None, None], text)
+                mask = jnp.where(drop[:, None], (jnp.arange(length) == 0)[None], mask)
             tokens.append(text)
             masks.append(mask)
         if not tokens:
             return emb, None, None
         context = jnp.concatenate([tok.astype(dtype) for tok in tokens], axis=1)
         return emb, context, jnp.concatenate(masks, axis=1)
+
+    def _null_text_encodings(self, shape: tuple[int, int]) -> Array:
+        """The stored null caption encoding (`null_text_tokens` > 0); `shape` = the inputs' (L, W)."""
+        name = "null_text_encodings"
+        if self.has_variable("params", name):
+            stored = tuple(self.get_variable("params", name).shape)
+            if stored != tuple(shape):
+                raise ValueError(f"text_encodings: expected (batch, {stored[0]}, {stored[1]}), the shape of the "
+                                 f"stored null caption encoding, got (batch, {shape[0]}, {shape[1]})")
+        if self.null_text_tokens > shape[0]:
+            raise ValueError(f"null_text_tokens: expected at most the text length {shape[0]}, "
+                             f"got {self.null_text_tokens}")
+        return self.param(name, nn.initializers.normal(0.02), tuple(shape)).astype(jnp.float32)

@@ -17,6 +17,8 @@ from dalle2_jax.models.clip import CLIP
 from dalle2_jax.models.unet import UNet
 
 REQUIRED_STAGES = ("clip", "prior", "decoder")
+# What a pipeline needs at the least: an imported image-variations model has no prior.
+CORE_STAGES = ("clip", "decoder")
 STAGE_NAME = re.compile(r"clip|prior|decoder|upsampler(_[1-9][0-9]*)?")
 
 @dataclasses.dataclass
@@ -114,7 +116,11 @@ def _example_inputs(stage_name: str, module, config) -> tuple[tuple, dict]:
 def abstract_variables(stage_name: str, module, config):
     """ShapeDtypeStructs of the stage's variables, from `jax.eval_shape` (nothing allocated)."""
     args, kwargs = _example_inputs(stage_name, module, config)
-    return jax.eval_shape(lambda key, args, kwargs: module.init(key, *args, **kwargs), jax.random.key(0), args, kwargs)
+    method = None
+    if isinstance(module, CLIP) and len(set(module.towers)) == 1:  # an imported text or image encoder alone
+        method, args = (CLIP.encode_text, args[:1]) if "text" in module.towers else (CLIP.encode_image, args[1:])
+    return jax.eval_shape(lambda key, args, kwargs: module.init(key, *args, method=method, **kwargs),
+                          jax.random.key(0), args, kwargs)
 
 
 def random_variables(abstract, seed: int, scale: float = 1.0):
@@ -138,8 +144,15 @@ def random_variables(abstract, seed: int, scale: float = 1.0):
     return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
+def has_last_step_model(stage: Stage) -> bool:
+    """Whether the stage runs its last sampling step with other weights (Karlo's super_res_last)."""
+    return bool(config_get(stage.config, "diffusion.last_step_model", False))
+
+
 def check_variables(stage: Stage) -> None:
     expected = abstract_variables(stage.name, stage.module, stage.config)
+    if has_last_step_model(stage):
+        expected = {**expected, "last_step_params": expected["params"]}
     got = {jax.tree_util.keystr(path): tuple(np.shape(leaf))
            for path, leaf in jax.tree_util.tree_flatten_with_path(stage.variables)[0]}
     want = {jax.tree_util.keystr(path): tuple(leaf.shape)

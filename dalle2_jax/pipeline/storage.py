@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from dalle2_jax.pipeline.stages import REQUIRED_STAGES, STAGE_NAME, Stage, as_tuples, build_module
+from dalle2_jax.pipeline.stages import CORE_STAGES, STAGE_NAME, Stage, as_tuples, build_module
 from dalle2_jax.tokenizer import Tokenizer
 
 PIPELINE_FILE = "pipeline.json"
@@ -50,9 +50,10 @@ def read_pipeline_dir(path) -> tuple[list[Stage], Tokenizer]:
         raise ValueError(f"path: {manifest_file} has version {manifest.get('version')!r}; this code reads "
                          f"version {VERSION}")
     unknown = [name for name in names if not STAGE_NAME.fullmatch(name)]
-    missing = [name for name in REQUIRED_STAGES if name not in names]
+    missing = [name for name in CORE_STAGES if name not in names]
     if unknown or missing or len(set(names)) != len(names):
-        raise ValueError(f"path: {manifest_file} is corrupt (stages {names}: expected {list(REQUIRED_STAGES)} "
+        raise ValueError(f"path: {manifest_file} is corrupt (stages {names}: expected {list(CORE_STAGES)}, "
+                         "an optional 'prior' "
                          "and upsamplers 'upsampler', 'upsampler_1', ...)")
     stages = [_load_stage(root / name, name) for name in names]
     tokenizer_dir = root / "clip" / TOKENIZER_SUBDIR

@@ -32,9 +32,9 @@ from dalle2_jax.models.clip import CLIP, normalize, preprocess_images
 from dalle2_jax.pipeline.inputs import (bucket, check_caption, check_count, check_prompts, check_scale, check_seed,
                                         initial_noise, load_images, load_mask, one_image, pad_rows, slerp,
                                         square_image, square_mask, to_float, to_uint8)
-from dalle2_jax.pipeline.stages import (REQUIRED_STAGES, STAGE_NAME, Stage, abstract_variables, build_module,
-                                        check_variables, config_get, prior_uses_text_encodings, random_variables,
-                                        stage_schedule)
+from dalle2_jax.pipeline.stages import (CORE_STAGES, REQUIRED_STAGES, STAGE_NAME, Stage, abstract_variables,
+                                        build_module, check_variables, config_get, has_last_step_model,
+                                        prior_uses_text_encodings, random_variables, stage_schedule)
 from dalle2_jax.pipeline.storage import read_pipeline_dir, write_pipeline_dir
 from dalle2_jax.tokenizer import Tokenizer
 
@@ -43,16 +43,26 @@ INVERSION_FIXED_POINT_ITERS = 2  # extra model calls per inversion step (diffusi
 MAX_TEXT_DIFF_THETA = 0.5  # the paper's text diffs go up to theta in [0.25, 0.5]
 
 
-@functools.partial(jax.jit, static_argnames="model")
-def _encode_text_program(model: CLIP, variables, input_ids, attention_mask):
+@functools.partial(jax.jit, static_argnames=("model", "unit"))
+def _encode_text_program(model: CLIP, variables, input_ids, attention_mask, unit: bool = True):
     text = model.apply(variables, input_ids, attention_mask, method=CLIP.encode_text)
-    return normalize(text.embeds), text.encodings.astype(jnp.float32), text.mask.astype(bool)
+    embeds = text.embeds.astype(jnp.float32)
+    return normalize(embeds) if unit else embeds, text.encodings.astype(jnp.float32), text.mask.astype(bool)
 
 
-@functools.partial(jax.jit, static_argnames="model")
-def _encode_image_program(model: CLIP, variables, images_uint8):
+@functools.partial(jax.jit, static_argnames=("model", "unit"))
+def _encode_image_program(model: CLIP, variables, images_uint8, unit: bool = True):
     pixels = preprocess_images(images_uint8, model.image_size, model.image_mean, model.image_std)
-    return normalize(model.apply(variables, pixels, method=CLIP.encode_image).embeds)
+    embeds = model.apply(variables, pixels.astype(jnp.dtype(model.dtype)), method=CLIP.encode_image).embeds
+    return normalize(embeds.astype(jnp.float32)) if unit else embeds.astype(jnp.float32)
+
+
+def _check_latents(latents, shape: tuple, name: str):
+    if latents is None:
+        return None
+    if np.shape(latents) != tuple(shape):
+        raise ValueError(f"{name}: expected float noise of shape {tuple(shape)}, got {np.shape(latents)}")
+    return np.asarray(latents, np.float32)
 
 
 
@@ -65,10 +75,10 @@ class UnCLIPPipeline:
     def __init__(self, stages: Sequence[Stage], tokenizer: Tokenizer):
         names = [stage.name for stage in stages]
         unknown = [name for name in names if not STAGE_NAME.fullmatch(name)]
-        missing = [name for name in REQUIRED_STAGES if name not in names]
+        missing = [name for name in CORE_STAGES if name not in names]
         if unknown or missing or len(set(names)) != len(names):
-            raise ValueError(f"stages: expected {list(REQUIRED_STAGES)} and optional upsamplers ('upsampler', "
-                             f"'upsampler_1', ...) once each, got {names}")
+            raise ValueError(f"stages: expected {list(CORE_STAGES)}, an optional 'prior' and optional upsamplers "
+                             f"('upsampler', 'upsampler_1', ...) once each, got {names}")
         if not isinstance(tokenizer, Tokenizer):
             raise ValueError(f"tokenizer: expected a dalle2_jax.tokenizer.Tokenizer, got {type(tokenizer).__name__}")
         for stage in stages:
@@ -76,7 +86,7 @@ class UnCLIPPipeline:
         # On the device once, not with every call.
         by_name = {stage.name: dataclasses.replace(stage, variables=jax.device_put(stage.variables))
                    for stage in stages}
-        self.clip, self.prior, self.decoder = by_name["clip"], by_name["prior"], by_name["decoder"]
+        self.clip, self.prior, self.decoder = by_name["clip"], by_name.get("prior"), by_name["decoder"]
         self.upsamplers = [by_name[name] for name in names if by_name[name].kind == "upsampler"]
         self.tokenizer = tokenizer
         self.stage_callback: Callable[[str], None] | None = None
@@ -86,7 +96,19 @@ class UnCLIPPipeline:
 
     @property
     def stages(self) -> list[Stage]:
-        return [self.clip, self.prior, self.decoder, *self.upsamplers]
+        return [self.clip, *([self.prior] if self.prior is not None else []), self.decoder, *self.upsamplers]
+
+    @property
+    def unit_embeddings(self) -> bool:
+        """Whether the stages take unit-norm CLIP embeddings (trained here) or CLIP's raw projections
+        (imported Karlo: its prior, text_proj and decoder were trained on those)."""
+        return config_get(self.clip.config, "embeddings", "unit") != "unnormalized"
+
+    def _require_prior(self, operation: str) -> Stage:
+        if self.prior is None:
+            raise ValueError(f"{operation}: this pipeline has no prior (an image-variations model); {operation} "
+                             "needs one to turn a caption into an image embedding")
+        return self.prior
 
     @property
     def image_size(self) -> int:
@@ -99,10 +121,15 @@ class UnCLIPPipeline:
         return int(config_get(self.clip.config, "data.image_size", self.clip.module.image_size))
 
     def _check_chain(self) -> None:
-        clip, prior, decoder = self.clip.module, self.prior.module, self.decoder.module
+        clip, decoder = self.clip.module, self.decoder.module
         if self.tokenizer.context_length != clip.context_length:
             raise ValueError(f"tokenizer: context_length {self.tokenizer.context_length} differs from the CLIP "
                              f"model's {clip.context_length}")
+        if self.prior is not None:
+            self._check_prior(clip, self.prior.module)
+        self._check_decoder(clip, decoder)
+
+    def _check_prior(self, clip, prior) -> None:
         if prior.embed_dim != clip.embed_dim:
             raise ValueError(f"prior: embed_dim {prior.embed_dim} differs from the CLIP embedding size "
                              f"{clip.embed_dim}")
@@ -110,6 +137,8 @@ class UnCLIPPipeline:
                 prior.text_encoding_dim != clip.text_width or prior.max_text_len < clip.context_length):
             raise ValueError(f"prior: text encodings ({prior.max_text_len}, {prior.text_encoding_dim}) do not hold "
                              f"CLIP's ({clip.context_length}, {clip.text_width})")
+
+    def _check_decoder(self, clip, decoder) -> None:
         if decoder.use_low_res or not (decoder.use_image_embed or decoder.use_text_encodings):
             raise ValueError("decoder: expected a UNet conditioned on the CLIP image embedding and/or text")
         cond = self.decoder.config.conditioning
@@ -170,9 +199,19 @@ class UnCLIPPipeline:
         return cls(stages, tokenizer)
 
     @classmethod
-    def from_pretrained(cls, path) -> "UnCLIPPipeline":
-        """Load a pipeline directory written by `save_pretrained` / `export_pipeline`."""
-        return cls(*read_pipeline_dir(path))
+    def from_pretrained(cls, path, dtype=None) -> "UnCLIPPipeline":
+        """Load a pipeline directory written by `save_pretrained` / `export_pipeline`, or a diffusers
+        UnCLIP directory (Karlo; recognised by its model_index.json, see `convert.unclip`).
+
+        dtype: cast an imported model's parameters and compute to it (e.g. "bfloat16")."""
+        from dalle2_jax.convert import unclip as unclip_import
+
+        if unclip_import.is_unclip_dir(path):
+            return cls(*unclip_import.read_unclip_dir(path, dtype))
+        stages, tokenizer = read_pipeline_dir(path)
+        if dtype is not None:
+            stages = [unclip_import.cast_stage(stage, dtype) for stage in stages]
+        return cls(stages, tokenizer)
 
     def save_pretrained(self, path) -> None:
         """Write the pipeline directory `path` atomically (a temporary directory beside it, then
@@ -218,25 +257,29 @@ class UnCLIPPipeline:
         return jax.random.fold_in(jax.random.key(seed), [s.name for s in self.stages].index(stage.name))
 
     def _text(self, captions: list[str]):
-        """Unit text embeddings (B, D), token encodings (B, L, W) and mask (B, L) from CLIP."""
+        """Text embeddings (B, D; unit norm unless `unit_embeddings` is False), token encodings
+        (B, L, W) and mask (B, L) from CLIP. Captions are checked by the callers ("" is the
+        unconditional caption of imported UnCLIP models)."""
         self._report("clip")
-        tokens = self.tokenizer(captions)
+        tokens = self.tokenizer(captions, allow_empty=True)
         rows = bucket(len(captions))
         out = _encode_text_program(self.clip.module, self.clip.variables, pad_rows(tokens["input_ids"], rows),
-                                   pad_rows(tokens["attention_mask"], rows))
+                                   pad_rows(tokens["attention_mask"], rows), unit=self.unit_embeddings)
         return tuple(a[:len(captions)] for a in out)
 
     def _image_embeds(self, images: list[np.ndarray]) -> jax.Array:
         self._report("clip")
         size = self.clip_load_size
         batch = np.stack([square_image(image, size) for image in images])
-        embeds = _encode_image_program(self.clip.module, self.clip.variables, pad_rows(batch, bucket(len(batch))))
+        embeds = _encode_image_program(self.clip.module, self.clip.variables, pad_rows(batch, bucket(len(batch))),
+                                       unit=self.unit_embeddings)
         return embeds[:len(batch)]
 
     def _sample_prior(self, text, seed: int, steps, guidance_scale, *, argument: str = "prompts",
-                      rows_per_caption: int = 1) -> jax.Array:
+                      rows_per_caption: int = 1, x_T=None) -> jax.Array:
         """Best-of-k prior samples for CLIP text (embeds, encodings, mask) with `rows_per_caption`
-        rows per caption of `argument` (named in the error of a caption too long for the prior)."""
+        rows per caption of `argument` (named in the error of a caption too long for the prior).
+        x_T: the initial noise (rows, D) (diffusers' prior_latents), with one candidate per row."""
         stage, config = self.prior, self.prior.config
         steps = self._steps(stage, steps, "prior_steps")
         scale = self._guidance(stage, guidance_scale, "prior_guidance_scale")
@@ -256,27 +299,47 @@ class UnCLIPPipeline:
             batch = text_embed.shape[0]
             encodings = jnp.zeros((batch, 1, stage.module.text_encoding_dim), jnp.float32)
             mask = jnp.zeros((batch, 1), bool)
+        null_text = None
+        if not stage.module.learned_null_text:
+            null_text = tuple(a[0] for a in self._text([""]))  # guided against the empty caption, as Karlo
         self._report("prior")
         count = text_embed.shape[0]
-        text_embed, encodings, mask = (pad_rows(a, bucket(count)) for a in (text_embed, encodings, mask))
+        rows = bucket(count)
+        text_embed, encodings, mask = (pad_rows(a, rows) for a in (text_embed, encodings, mask))
+        num_candidates = int(config_get(config, "diffusion.num_candidates", 1))
+        if x_T is not None:
+            if num_candidates != 1:
+                raise ValueError(f"prior_latents: the prior draws {num_candidates} candidates per image "
+                                 "(config.diffusion.num_candidates); initial noise is taken with 1 only")
+            x_T = pad_rows(np.asarray(x_T, np.float32), rows)
+        clip_range = config_get(config, "diffusion.clip_range")
         return prior_lib.sample_image_embeddings_jit(
             stage.module, stage.variables, self._key(seed, stage), text_embed=text_embed, text_encodings=encodings,
             text_mask=mask, schedule=self._schedule_for(stage, steps), steps=steps,
             sampler=config_get(config, "diffusion.sampler", "ddim"), guidance_scale=None if scale == 1.0 else scale,
-            num_candidates=int(config_get(config, "diffusion.num_candidates", 1)),
-            eta=float(config_get(config, "diffusion.eta", 0.0)))[:count]
+            num_candidates=num_candidates, eta=float(config_get(config, "diffusion.eta", 0.0)),
+            null_text=null_text, clip_range=None if clip_range is None else float(clip_range), x_T=x_T)[:count]
 
     def _decoder_text(self, text, batch: int) -> dict:
         """The decoder's text kwargs: the caption's encodings, or without a caption a dropped
         full-length stand-in (the compiled program of captioned decoding is reused)."""
-        if not self.decoder.module.use_text_encodings:
-            return {}
+        module = self.decoder.module
+        out = {}
         if text is None:
-            length, width = int(self.decoder.config.conditioning.text_len), self.clip.module.text_width
-            return {"text_encodings": jnp.zeros((batch, length, width), jnp.float32),
-                    "text_mask": jnp.ones((batch, length), bool), "drop_text": True}
-        _, encodings, mask = text
-        return {"text_encodings": encodings, "text_mask": mask}
+            if module.use_text_encodings:
+                length, width = int(self.decoder.config.conditioning.text_len), self.clip.module.text_width
+                out.update(text_encodings=jnp.zeros((batch, length, width), jnp.float32),
+                           text_mask=jnp.ones((batch, length), bool))
+            if module.use_text_embed:
+                out["text_embed"] = jnp.zeros((batch, int(self.decoder.config.conditioning.image_embed_dim)),
+                                              jnp.float32)
+            return {**out, "drop_text": True} if out else {}
+        text_embed, encodings, mask = text
+        if module.use_text_encodings:
+            out.update(text_encodings=encodings, text_mask=mask)
+        if module.use_text_embed:
+            out["text_embed"] = text_embed
+        return out
 
     def _decoder_options(self, *, sampler=None, eta=None, clip_denoised=None) -> dict:
         config = self.decoder.config
@@ -308,18 +371,27 @@ class UnCLIPPipeline:
             objective=config_get(stage.config, "diffusion.objective", "eps"),
             fixed_point_iters=INVERSION_FIXED_POINT_ITERS)
 
-    def _upsample(self, images, seed: int, steps: list[int], *, known=None, frames: bool = False) -> jax.Array:
+    def _upsample(self, images, seed: int, steps: list[int], *, known=None, frames: bool = False,
+                  x_T_first=None) -> jax.Array:
         """Run the upsamplers on [-1, 1] images. `known` = (uint8 image, bool mask) restores the
         known pixels after every stage. `frames`: one x_T for all rows and DDIM with eta 0, so
-        that frames of an interpolation differ only where their low-res inputs do."""
+        that frames of an interpolation differ only where their low-res inputs do. `x_T_first`:
+        the first upsampler's initial noise (diffusers' super_res_latents)."""
         for index, (stage, stage_steps) in enumerate(zip(self.upsamplers, steps)):
             size = stage.module.image_size
             config = stage.config
             self._report(stage.name)
             batch = images.shape[0]
             x_T = initial_noise(seed, "upsampler", (1 if frames else batch, size, size, stage.module.out_channels), index)
+            if index == 0 and x_T_first is not None:
+                x_T = x_T_first
+            variables = stage.variables
+            last_step = None
+            if has_last_step_model(stage):
+                variables = {"params": stage.variables["params"]}
+                last_step = {"params": stage.variables["last_step_params"]}
             images = sampling.upsample_images(
-                stage.module, stage.variables, self._key(seed, stage), images,
+                stage.module, variables, self._key(seed, stage), images, last_step_params=last_step,
                 schedule=self._schedule_for(stage, stage_steps), steps=stage_steps,
                 sampler="ddim" if frames else config_get(config, "diffusion.sampler", "ddim"),
                 eta=0.0 if frames else float(config_get(config, "diffusion.eta", 0.0)),
@@ -340,20 +412,24 @@ class UnCLIPPipeline:
 
     def encode_text(self, prompts) -> np.ndarray:
         """Unit-norm CLIP text embeddings (N, D) of a caption or a list of captions."""
-        return np.asarray(self._text(check_prompts(prompts))[0])
+        return np.asarray(normalize(self._text(check_prompts(prompts))[0]))
 
     def encode_image(self, images) -> np.ndarray:
         """Unit-norm CLIP image embeddings (N, D) of uint8 images, PIL images or paths."""
-        return np.asarray(self._image_embeds(load_images(images, "images")))
+        return np.asarray(normalize(self._image_embeds(load_images(images, "images"))))
 
     def generate(self, prompts, seed: int = 0, num_images_per_prompt: int = 1, *, prior_steps: int | None = None,
                  decoder_steps: int | None = None, upsampler_steps=None, prior_guidance_scale: float | None = None,
-                 decoder_guidance_scale: float | None = None) -> np.ndarray:
+                 decoder_guidance_scale: float | None = None, prior_latents=None, decoder_latents=None,
+                 super_res_latents=None) -> np.ndarray:
         """Text -> images: uint8 (len(prompts) * num_images_per_prompt, H, W, 3), prompt-major.
 
         Steps and guidance scales default to each stage's config (diffusion.sampling_steps,
-        diffusion.guidance_scale); upsampler_steps is an int or one per upsampler.
+        diffusion.guidance_scale); upsampler_steps is an int or one per upsampler. As in diffusers,
+        the initial noise of each stage may be given: prior_latents (N, D), decoder_latents
+        (N, S, S, 3) and super_res_latents (N, S', S', 3) for the first upsampler (NHWC).
         """
+        self._require_prior("generate")
         prompts = check_prompts(prompts)
         seed = check_seed(seed)
         per_prompt = check_count(num_images_per_prompt, "num_images_per_prompt")
@@ -363,24 +439,45 @@ class UnCLIPPipeline:
         self._steps(self.prior, prior_steps, "prior_steps")
         self._guidance(self.prior, prior_guidance_scale, "prior_guidance_scale")
 
+        batch = len(prompts) * per_prompt
+        prior_latents = _check_latents(prior_latents, (batch, self.prior.module.embed_dim), "prior_latents")
+        decoder_latents = self._check_decoder_latents(decoder_latents, batch)
+        super_res_latents = self._check_super_res_latents(super_res_latents, batch)
+
         text = self._text(prompts)
         text = tuple(jnp.repeat(a, per_prompt, axis=0) for a in text)
         image_embed = self._sample_prior(text, seed, prior_steps, prior_guidance_scale,
-                                         rows_per_caption=per_prompt)
-        batch = len(prompts) * per_prompt
-        images = self._decode(image_embed, text, self._decoder_noise(seed, batch), seed, steps=decoder_steps,
-                              guidance_scale=decoder_scale)
-        return to_uint8(self._upsample(images, seed, up_steps))
+                                         rows_per_caption=per_prompt, x_T=prior_latents)
+        x_T = self._decoder_noise(seed, batch) if decoder_latents is None else decoder_latents
+        images = self._decode(image_embed, text, x_T, seed, steps=decoder_steps, guidance_scale=decoder_scale)
+        return to_uint8(self._upsample(images, seed, up_steps, x_T_first=super_res_latents))
+
+    def _check_decoder_latents(self, latents, batch: int):
+        module = self.decoder.module
+        return _check_latents(latents, (batch, module.image_size, module.image_size, module.out_channels),
+                              "decoder_latents")
+
+    def _check_super_res_latents(self, latents, batch: int):
+        if latents is not None and not self.upsamplers:
+            raise ValueError("super_res_latents: this pipeline has no upsampler")
+        if latents is None:
+            return None
+        module = self.upsamplers[0].module
+        return _check_latents(latents, (batch, module.image_size, module.image_size, module.out_channels),
+                              "super_res_latents")
 
     def variations(self, image, num_images: int = 4, seed: int = 0, invert: bool = False, *,
                    eta: float | None = None, decoder_steps: int | None = None, upsampler_steps=None,
-                   decoder_guidance_scale: float | None = None) -> np.ndarray:
+                   decoder_guidance_scale: float | None = None, decoder_latents=None,
+                   super_res_latents=None) -> np.ndarray:
         """Images sharing the CLIP image embedding of `image`: uint8 (num_images, H, W, 3).
 
         invert=False decodes from fresh noise; invert=True from the image's own DDIM-inverted
         x_T with DDIM eta (default INVERTED_ETA; eta 0 reconstructs the image), as the paper's
         "bipartite representation" (z_i, x_T). No caption: the decoder's text is dropped.
         From the inverted x_T the guidance scale defaults to 1 (the inversion is unguided).
+        decoder_latents / super_res_latents: the initial noise of the decoder and the first upsampler
+        (NHWC, num_images rows), as diffusers' UnCLIPImageVariationPipeline takes them.
         """
         picture = one_image(image, "image")
         num_images = check_count(num_images, "num_images")
@@ -391,6 +488,10 @@ class UnCLIPPipeline:
         up_steps = self._upsampler_steps(upsampler_steps)
         if eta is not None and (isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0):
             raise ValueError(f"eta: expected a float >= 0, got {eta!r}")
+        decoder_latents = self._check_decoder_latents(decoder_latents, num_images)
+        super_res_latents = self._check_super_res_latents(super_res_latents, num_images)
+        if invert and decoder_latents is not None:
+            raise ValueError("decoder_latents: not with invert=True (the decoder starts from the image's own x_T)")
         image_embed = jnp.repeat(self._image_embeds([picture]), num_images, axis=0)
         if invert:
             scale = check_scale(1.0 if decoder_guidance_scale is None else decoder_guidance_scale,
@@ -401,9 +502,9 @@ class UnCLIPPipeline:
                                   eta=INVERTED_ETA if eta is None else float(eta), clip_denoised=False)
         else:
             scale = self._guidance(self.decoder, decoder_guidance_scale, "decoder_guidance_scale")
-            images = self._decode(image_embed, None, self._decoder_noise(seed, num_images), seed, steps=steps,
-                                  guidance_scale=scale, eta=eta)
-        return to_uint8(self._upsample(images, seed, up_steps))
+            x_T = self._decoder_noise(seed, num_images) if decoder_latents is None else decoder_latents
+            images = self._decode(image_embed, None, x_T, seed, steps=steps, guidance_scale=scale, eta=eta)
+        return to_uint8(self._upsample(images, seed, up_steps, x_T_first=super_res_latents))
 
     def _decoder_input(self, picture: np.ndarray) -> np.ndarray:
         return to_float(square_image(picture, self.decoder.module.image_size))[None]
@@ -447,6 +548,7 @@ class UnCLIPPipeline:
         """Text diffs (paper, section 3.3): z_d = normalize(z_t(target) - z_t(source)); frame k decodes
         slerp(z_i, z_d, theta_k), theta = linspace(0, max_theta, num_frames), with DDIM eta 0 from the
         image's inverted x_T (frame 0 reconstructs the image). uint8 (num_frames, H, W, 3)."""
+        self._require_prior("text_diff")
         picture = one_image(image, "image")
         source = check_caption(source_caption, "source_caption")
         target = check_caption(target_caption, "target_caption")
@@ -483,6 +585,7 @@ class UnCLIPPipeline:
         prior's embedding for the prompt; each upsampler's output gets the known pixels back, and
         at the end they are the input's (centre-cropped and resized to the output size) exactly.
         """
+        self._require_prior("inpaint")
         picture = one_image(image, "image")
         region = load_mask(mask, "mask", picture.shape[:2])
         prompt = check_caption(prompt, "prompt")

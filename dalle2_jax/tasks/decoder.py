@@ -6,8 +6,10 @@ A frozen CLIP (`config.clip_dir`, a CLIP training workdir or a transformers
 CLIP directory; "" = <workdir>/../clip) encodes each batch as the iterator
 yields it: one jitted program over this process's devices, with the CLIP
 parameters as its argument, turns the images (at the CLIP run's load size) and
-token ids into the unit-norm CLIP image embedding, the caption's token
-encodings and their mask, and the image area-downsampled to the decoder's size
+token ids into the unit-norm CLIP image embedding (CLIP's projected embedding as
+it comes with `config.unit_norm_embeddings=False`, as Karlo's decoder takes it,
+and the pooled text embedding too for a `model.use_text_embed` UNet), the
+caption's token encodings and their mask, and the image area-downsampled to the decoder's size
 (CLIP may see 64px while the decoder learns 32px). With `config.embeddings_dir`
 the embeddings, token encodings and masks are read instead from the embedding
 dataset that `dalle2-jax embed` wrote for the train split (row i = example i,
@@ -170,21 +172,28 @@ def pair_examples(builder: tfds.core.DatasetBuilder) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # The frozen CLIP.
 
-def clip_conditioning(model: CLIP, image_size: int, variables, images, input_ids, attention_mask
-                      ) -> dict[str, jax.Array]:
+def clip_conditioning(model: CLIP, image_size: int, variables, images, input_ids, attention_mask, *,
+                      unit_norm: bool = True, with_text_embed: bool = False) -> dict[str, jax.Array]:
     """What the decoder is conditioned on, from [-1, 1] images at any size and their captions'
-    tokens: the images area-downsampled to `image_size` ("image"), the unit-norm CLIP image
-    embeddings (B, D), the token encodings (B, L, W) float32 and their mask (B, L) bool."""
+    tokens: the images area-downsampled to `image_size` ("image"), the CLIP image embeddings
+    (B, D) (unit-norm, or as CLIP projects them with `unit_norm=False`: Karlo's decoder), the
+    token encodings (B, L, W) float32 and their mask (B, L) bool; with `with_text_embed` the
+    pooled text embeddings (B, D) too, normalised the same way."""
     image = model.apply(variables, clip_stage.clip_pixels(model, images), method=CLIP.encode_image)
     text = model.apply(variables, input_ids, attention_mask, method=CLIP.encode_text)
-    return {"image": downsample_images(images.astype(jnp.float32), image_size),
-            "image_embed": normalize(image.embeds),
-            "text_encodings": text.encodings.astype(jnp.float32),
-            "text_mask": text.mask.astype(bool)}
+    embed = normalize if unit_norm else (lambda x: x.astype(jnp.float32))
+    out = {"image": downsample_images(images.astype(jnp.float32), image_size),
+           "image_embed": embed(image.embeds),
+           "text_encodings": text.encodings.astype(jnp.float32),
+           "text_mask": text.mask.astype(bool)}
+    if with_text_embed:
+        out["text_embed"] = embed(text.embeds)
+    return out
 
 
 # Module-level, so every task with the same CLIP and shapes shares one compiled program.
-_clip_conditioning = jax.jit(clip_conditioning, static_argnums=(0, 1))
+_clip_conditioning = jax.jit(clip_conditioning, static_argnums=(0, 1),
+                             static_argnames=("unit_norm", "with_text_embed"))
 
 
 class ClipEncoder:
@@ -192,8 +201,10 @@ class ClipEncoder:
     with the frozen CLIP's parameters as an argument: `encoder(images, input_ids,
     attention_mask)` -> dict of numpy arrays."""
 
-    def __init__(self, model: CLIP, variables, image_size: int):
+    def __init__(self, model: CLIP, variables, image_size: int, *, unit_norm: bool = True,
+                 with_text_embed: bool = False):
         self.model, self.image_size = model, int(image_size)
+        self.options = {"unit_norm": bool(unit_norm), "with_text_embed": bool(with_text_embed)}
         self.mesh = sharding.make_mesh(devices=jax.local_devices())
         self.variables = jax.device_put(variables, sharding.replicated(self.mesh))
 
@@ -205,7 +216,7 @@ class ClipEncoder:
         rows = jax.device_put({key: np.concatenate([value, np.repeat(value[-1:], pad, axis=0)])
                                for key, value in rows.items()}, sharding.batch_sharding(self.mesh))
         out = _clip_conditioning(self.model, self.image_size, self.variables, rows["images"], rows["input_ids"],
-                                 rows["attention_mask"])
+                                 rows["attention_mask"], **self.options)
         return {key: value[:count] for key, value in jax.device_get(out).items()}
 
 
@@ -318,7 +329,11 @@ class DecoderTask:
         self.image_size = int(self.unet.image_size)
 
         clip_model, clip_variables, self.tokenizer, clip_config = clip_stage.load_clip(self.clip_dir)
-        self.clip = ClipEncoder(clip_model, clip_variables, self.image_size)
+        unit_norm = config.get("unit_norm_embeddings", True)
+        if not isinstance(unit_norm, bool):
+            raise ValueError(f"config.unit_norm_embeddings: expected a bool, got {unit_norm!r}")
+        self.clip = ClipEncoder(clip_model, clip_variables, self.image_size, unit_norm=unit_norm,
+                                with_text_embed=self.unet.use_text_embed)
         # The conditioning shapes are the CLIP's; recorded so that config.json tells them.
         config.conditioning = ml_collections.ConfigDict(dict(
             image_embed_dim=int(clip_model.embed_dim), text_len=int(clip_model.context_length),
@@ -336,6 +351,10 @@ class DecoderTask:
             if not os.path.isdir(self.embeddings_dir):
                 raise FileNotFoundError(f"config.embeddings_dir: expected the `dalle2-jax embed` directory of the "
                                         f"train split, {self.embeddings_dir!r} is not a directory")
+            if not unit_norm or self.unet.use_text_embed:
+                raise ValueError("config.embeddings_dir: stored embeddings are unit-norm and give no pooled text "
+                                 "embedding to the decoder; a decoder with unit_norm_embeddings=False or "
+                                 "model.use_text_embed (Karlo) encodes each batch: leave embeddings_dir empty")
             # run_embed encodes the centre square of each image, unflipped.
             if config.data.get("augment", "center_crop") != "center_crop" or config.data.get("random_flip", False):
                 raise ValueError("config.data.augment / random_flip: stored embeddings describe the centre crop of "
@@ -406,6 +425,8 @@ class DecoderTask:
             cond.update(image_embed=batch["image_embed"], drop_image=drop_image)
         if self.unet.use_text_encodings:
             cond.update(text_encodings=batch["text_encodings"], text_mask=batch["text_mask"], drop_text=drop_text)
+        if self.unet.use_text_embed:
+            cond.update(text_embed=batch["text_embed"], drop_text=drop_text)
         return cond
 
     def init_params(self, rng, batch):
@@ -489,7 +510,7 @@ class DecoderTask:
         return self.clip(to_float(images_uint8), tokens["input_ids"], tokens["attention_mask"])
 
     def sample(self, params, image_embed, text_encodings=None, text_mask=None, *, rng,
-               guidance_scale=None, steps: int | None = None) -> np.ndarray:
+               guidance_scale=None, steps: int | None = None, text_embed=None) -> np.ndarray:
         """Decoder samples (B, S, S, 3) in [-1, 1] for rows of conditions, batch-sharded over the
         mesh of `params` (the EMA parameters the loop passes)."""
         diffusion_config, eval_config = self.config.diffusion, self.config.eval
@@ -497,10 +518,14 @@ class DecoderTask:
         rows = {"image_embed": np.asarray(image_embed, np.float32)}
         if self.unet.use_text_encodings and text_encodings is not None:
             rows.update(text_encodings=np.asarray(text_encodings, np.float32), text_mask=np.asarray(text_mask, bool))
+        if self.unet.use_text_embed and text_embed is not None:
+            rows["text_embed"] = np.asarray(text_embed, np.float32)
         rows, count = shard_rows(rows, mesh)
         kwargs = {"image_embed": rows["image_embed"]} if self.unet.use_image_embed else {}
         if "text_encodings" in rows:
             kwargs.update(text_encodings=rows["text_encodings"], text_mask=rows["text_mask"])
+        if "text_embed" in rows:
+            kwargs["text_embed"] = rows["text_embed"]
         samples = sampling.decode_images(
             self.unet, {"params": params}, rng, **kwargs, schedule=self.schedule,
             steps=int(steps or eval_config.sampling_steps),
@@ -520,7 +545,8 @@ class DecoderTask:
         repeat = lambda a: np.repeat(np.asarray(a), per_condition, axis=0)  # noqa: E731
         samples = to_uint8(self.sample(
             params, repeat(conditions["image_embed"]), repeat(conditions["text_encodings"]),
-            repeat(conditions["text_mask"]), rng=jax.random.key(int(self.config.eval.get("seed", 0)))))
+            repeat(conditions["text_mask"]), rng=jax.random.key(int(self.config.eval.get("seed", 0))),
+            text_embed=repeat(conditions["text_embed"]) if "text_embed" in conditions else None))
         references = to_uint8(conditions["image"])
         if jax.process_index() == 0:
             rows = np.concatenate([references[:, None], samples.reshape(len(references), per_condition,

@@ -148,6 +148,21 @@ class PriorTask:
         self.schedule = diffusion.make_schedule(diffusion_config.schedule, int(diffusion_config.num_timesteps))
         self.text_drop_prob = _check_probability(diffusion_config.get("text_drop_prob", 0.1),
                                                  "config.diffusion.text_drop_prob")
+        self.null_text = None
+        if not self.model.learned_null_text:
+            # Karlo's prior: a dropped caption is the empty caption "", as the directory's CLIP encodes it.
+            if not config.get("init_from"):
+                raise ValueError("config.init_from: a prior without learned null text (model.learned_null_text="
+                                 "False) trains against the empty caption, which the CLIP of the pipeline it starts "
+                                 "from encodes; set init_from to that pipeline or diffusers directory")
+            from dalle2_jax.training.init_from import empty_caption_text
+
+            embed, encodings, mask = empty_caption_text(config.init_from)
+            if not self.use_text_encodings:
+                encodings, mask = np.zeros((1, self.model.text_encoding_dim), np.float32), np.zeros((1,), bool)
+            elif self.text_len is not None:
+                encodings, mask = encodings[:self.text_len], mask[:self.text_len]
+            self.null_text = (embed, encodings, mask)
         self.eval_dirs = self._resolve_eval_dirs(data_config.get("eval_dirs") or {})
         self._eval_rows: dict[str, dict[str, np.ndarray]] = {}
         self._sample_fns: dict[Any, Any] = {}
@@ -234,7 +249,7 @@ class PriorTask:
         loss, metrics = prior_lib.prior_loss(
             self.model, {"params": params}, rng, image_embed=batch["image_embed"], text_embed=batch["text_embed"],
             text_encodings=text_encodings, text_mask=text_mask, schedule=self.schedule,
-            text_drop_prob=self.text_drop_prob if train else 0.0, train=train)
+            text_drop_prob=self.text_drop_prob if train else 0.0, train=train, null_text=self.null_text)
         return loss, {name: value for name, value in metrics.items() if name != "loss"}
 
     def train_iterator(self, *, seed: int, process_index: int, process_count: int, per_process_batch: int):

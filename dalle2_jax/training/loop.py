@@ -157,6 +157,17 @@ def _write_config(config, workdir: Path) -> None:
     metrics_lib.atomic_write(workdir / CONFIG_FILE, lambda f: f.write(text.encode()))
 
 
+def _init_from(task, state: TrainState, state_shardings, directory) -> TrainState:
+    """The fresh state with params and EMA params from `directory`'s stage (training.init_from)."""
+    from dalle2_jax.training import init_from
+
+    stage = type(task).__module__.rsplit(".", 1)[-1]
+    loaded = init_from.replace_params(state.params, init_from.stage_params(directory, stage), directory)
+    params = jax.device_put(loaded, state_shardings.params)
+    log.info("initialised the %s from %s", stage, directory)
+    return state.replace(params=params, ema_params=jax.device_put(loaded, state_shardings.ema_params))
+
+
 def train(task, config, workdir: str, *, mesh: Mesh | None = None) -> TrainState:
     """Train `task` as `config` says, checkpointing into workdir/checkpoints; resumes
     automatically from the latest checkpoint there that reads back completely (newer,
@@ -202,6 +213,8 @@ def train(task, config, workdir: str, *, mesh: Mesh | None = None) -> TrainState
             ckpt.close()
             raise
         log.info("resumed from %s at step %d", ckpt.directory, resume_step)
+    elif _get(config, "init_from", ""):
+        state = _init_from(task, state, state_shardings, config.init_from)
     step = int(jax.device_get(state.step))
     last_saved = resume_step
     train_step = make_train_step(task, tx, config, state_shardings, batch_shardings, mesh)
