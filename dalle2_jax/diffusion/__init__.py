@@ -1,4 +1,5 @@
 """Gaussian diffusion: schedules, the forward process, losses, samplers and guidance (no networks)."""
+from dalle2_jax.diffusion.dpm_solver import dpm_solver_orders, dpm_solver_sample
 from dalle2_jax.diffusion.guidance import classifier_free_guidance
 from dalle2_jax.diffusion.losses import (
     discretized_gaussian_log_likelihood,
@@ -30,6 +31,12 @@ from dalle2_jax.diffusion.samplers import (
     repaint_sample,
     repaint_schedule,
 )
+from dalle2_jax.diffusion.solver_schedule import (
+    SolverSchedule,
+    solver_known_region_hook,
+    solver_schedule,
+)
+from dalle2_jax.diffusion.unipc import unipc_orders, unipc_sample
 from dalle2_jax.diffusion.schedules import (
     DiffusionSchedule,
     cosine_betas,
@@ -41,6 +48,13 @@ from dalle2_jax.diffusion.schedules import (
 
 __all__ = [
     "DiffusionSchedule",
+    "SolverSchedule",
+    "dpm_solver_orders",
+    "dpm_solver_sample",
+    "solver_known_region_hook",
+    "solver_schedule",
+    "unipc_orders",
+    "unipc_sample",
     "classifier_free_guidance",
     "cosine_betas",
     "ddim_invert",

@@ -1,0 +1,140 @@
+"""DPM-Solver++ and UniPC: parity with diffusers step for step, convergence order and moments on
+Gaussian data with the exact denoiser, time-step selection, inpainting hook, jit."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dalle2_jax import diffusion
+from dalle2_jax.diffusion.solver_schedule import step_keys
+
+MEAN, STD = 0.3, 0.5  # of the data distribution in the parity tests
+
+
+def _abar_table(sched):
+    betas = np.asarray(sched.betas, np.float64)
+    return np.exp(np.cumsum(np.log1p(-np.minimum(betas, 1 - 1e-12))))
+
+
+def _gaussian_x0(x, a, s, lib):
+    """E[x0 | x_t] for x0 ~ N(MEAN, STD^2), plus a smooth nonlinear term so the parity is not of a linear map."""
+    x0 = MEAN + a * STD**2 / (a**2 * STD**2 + s**2) * (x - a * MEAN)
+    return x0 + 0.1 * s * lib.tanh(2.0 * x0)
+
+
+def _outputs(x, x0, a, s, objective):
+    eps = (x - a * x0) / s
+    return eps if objective == "eps" else a * eps - s * x0
+
+
+def jax_denoiser(table, objective):
+    table = jnp.asarray(table, jnp.float32)
+
+    def denoiser(x, t):
+        abar = table[t].reshape((-1,) + (1,) * (x.ndim - 1))
+        a, s = jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
+        return _outputs(x, _gaussian_x0(x, a, s, jnp), a, s, objective)
+
+    return denoiser
+
+
+def torch_denoiser(table, objective):
+    import torch
+
+    table = torch.tensor(table, dtype=torch.float32)
+
+    def denoiser(x, t):
+        abar = table[int(t)]
+        a, s = torch.sqrt(abar), torch.sqrt(1.0 - abar)
+        return _outputs(x, _gaussian_x0(x, a, s, torch), a, s, objective)
+
+    return denoiser
+
+
+def _diffusers_trajectory(scheduler, x_T, denoiser, noises=None):
+    import torch
+
+    x = torch.tensor(np.asarray(x_T))
+    states = []
+    for i, t in enumerate(scheduler.timesteps):
+        kwargs = {} if noises is None else {"variance_noise": torch.tensor(noises[i])}
+        x = scheduler.step(denoiser(x, t), t, x, **kwargs).prev_sample
+        states.append(x.numpy())
+    return np.stack(states)
+
+
+PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction"}
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("solver,order,objective,steps,beta_schedule", [
+    ("dpm++", 2, "eps", 10, "linear"),
+    ("dpm++", 2, "v", 20, "squaredcos_cap_v2"),
+    ("dpm++", 3, "eps", 20, "linear"),
+    ("dpm++", 3, "v", 10, "squaredcos_cap_v2"),
+    ("sde-dpm++", 2, "eps", 10, "linear"),
+    ("sde-dpm++", 2, "v", 20, "squaredcos_cap_v2"),
+    ("unipc", 2, "eps", 10, "linear"),
+    ("unipc", 2, "v", 20, "squaredcos_cap_v2"),
+    ("unipc", 3, "eps", 20, "linear"),
+    ("unipc", 3, "v", 10, "squaredcos_cap_v2"),
+])
+def test_trajectory_matches_diffusers_step_for_step(solver, order, objective, steps, beta_schedule):
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    common = dict(num_train_timesteps=1000, beta_schedule=beta_schedule, solver_order=order,
+                  prediction_type=PREDICTION_TYPES[objective], timestep_spacing="trailing")
+    if solver == "unipc":
+        scheduler = UniPCMultistepScheduler(solver_type="bh2", **common)
+    else:
+        scheduler = DPMSolverMultistepScheduler(
+            algorithm_type="sde-dpmsolver++" if solver == "sde-dpm++" else "dpmsolver++", **common)
+    scheduler.set_timesteps(steps)
+    sched = diffusion.make_schedule(beta_schedule)
+    schedule = diffusion.solver_schedule(sched, steps, "trailing")
+    np.testing.assert_array_equal(np.asarray(schedule.timesteps), scheduler.timesteps.numpy())
+    np.testing.assert_allclose(np.asarray(schedule.sigmas), scheduler.sigmas.numpy(), rtol=2e-5)
+
+    table = _abar_table(sched)
+    x_T = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
+    rng = jax.random.key(7)
+    options = dict(order=order, objective=objective, clip_denoised=False, return_trajectory=True)
+    if solver == "unipc":
+        _, ours = diffusion.unipc_sample(jax_denoiser(table, objective), jnp.asarray(x_T), schedule, **options)
+        noises = None
+    else:
+        sde = solver == "sde-dpm++"
+        _, ours = diffusion.dpm_solver_sample(jax_denoiser(table, objective), jnp.asarray(x_T), schedule, rng,
+                                              sde=sde, **options)
+        noises = [np.asarray(jax.random.normal(step_keys(rng, i)[0], x_T.shape)) for i in range(steps)] \
+            if sde else None
+    reference = _diffusers_trajectory(scheduler, x_T, torch_denoiser(table, objective), noises)
+    assert np.all(np.isfinite(reference))
+    np.testing.assert_allclose(np.asarray(ours), reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("solver", ["dpm++", "unipc"])
+def test_cosine_eps_parity_is_limited_by_float32_at_the_top(solver):
+    """Cosine + eps: x0 = (x - sigma_t eps) / alpha_t at t = 999 (alpha_bar 2.4e-9) multiplies the float32
+    rounding of eps by sigma_t / alpha_t = 2e4 in both implementations, so the first step's x0 differs by
+    ~1e-3 between any two float32 codes; the trajectories agree to that, and a wrong coefficient would
+    move them by far more (order 2 vs 1: > 1e-2)."""
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    cls = UniPCMultistepScheduler if solver == "unipc" else DPMSolverMultistepScheduler
+    scheduler = cls(beta_schedule="squaredcos_cap_v2", solver_order=2, timestep_spacing="trailing")
+    scheduler.set_timesteps(15)
+    sched = diffusion.make_schedule("cosine")
+    schedule = diffusion.solver_schedule(sched, 15)
+    table = _abar_table(sched)
+    x_T = np.random.default_rng(1).standard_normal((4, 3, 5)).astype(np.float32)
+    sample = diffusion.unipc_sample if solver == "unipc" else diffusion.dpm_solver_sample
+    run = functools.partial(sample, jax_denoiser(table, "eps"), jnp.asarray(x_T), schedule, clip_denoised=False,
+                            return_trajectory=True)
+    reference = _diffusers_trajectory(scheduler, x_T, torch_denoiser(table, "eps"))
+    error = np.abs(np.asarray(run(order=2)[1]) - reference).max()
+    first_order_error = np.abs(np.asarray(run(order=1)[1]) - reference).max()
+    assert error < 1e-3 and first_order_error > 10 * error, (error, first_order_error)
