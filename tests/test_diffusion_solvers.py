@@ -248,3 +248,81 @@ def test_samples_have_the_data_mean_and_covariance(name, steps):
     # Sampling error of 4096 draws: mean ~0.008, covariance entries ~0.006 (one standard error).
     np.testing.assert_allclose(samples.mean(0), DATA_MEAN, atol=0.03)
     np.testing.assert_allclose(np.cov(samples.T), COVARIANCE, atol=0.025)
+
+
+# -- objectives, learned variance, the known-region hook, one jitted scan, time-step selection ----------
+
+def _objective_denoiser(table, objective, learned_variance=False):
+    base = jax_denoiser(table, "eps")
+
+    def denoiser(x, t):
+        eps = base(x, t)
+        abar = jnp.asarray(table, jnp.float32)[t].reshape((-1,) + (1,) * (x.ndim - 1))
+        a, s = jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
+        x0 = (x - s * eps) / a
+        out = {"eps": eps, "x0": x0, "v": a * eps - s * x0}[objective]
+        return jnp.concatenate([out, jnp.full_like(out, 0.7)], axis=-1) if learned_variance else out
+
+    return denoiser
+
+
+def test_objectives_and_learned_variance_give_the_same_samples():
+    sched = diffusion.make_schedule("linear")
+    schedule = diffusion.solver_schedule(sched, 12)
+    table = _abar_table(sched)
+    x_T = jax.random.normal(jax.random.key(3), (8, 4, 3))
+    run = functools.partial(diffusion.dpm_solver_sample, x_T=x_T, schedule=schedule, clip_denoised=False)
+    reference = run(_objective_denoiser(table, "eps"), objective="eps")
+    for objective, learned in (("x0", False), ("v", True)):
+        got = run(_objective_denoiser(table, objective, learned), objective=objective, learned_variance=learned)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(reference), atol=2e-4)
+
+
+def test_known_region_hook_inpaints_exactly_and_one_jitted_scan():
+    sched = diffusion.make_schedule("cosine")
+    schedule = diffusion.solver_schedule(sched, 10)
+    x_T = jax.random.normal(jax.random.key(0), (4, 6))
+    x_known = jnp.linspace(-1.0, 1.0, 24).reshape(4, 6)
+    mask = jnp.arange(6) >= 3  # generate the last three dims
+    hook = diffusion.solver_known_region_hook(schedule, x_known, mask)
+    denoiser = jax_denoiser(_abar_table(sched), "eps")
+    for sample in (diffusion.dpm_solver_sample, diffusion.unipc_sample):
+        run = jax.jit(functools.partial(sample, denoiser, step_hook=hook, clip_denoised=False))
+        out = run(x_T, schedule, jax.random.key(1))
+        np.testing.assert_array_equal(np.asarray(out[:, :3]), np.asarray(x_known[:, :3]))
+        assert np.abs(np.asarray(out[:, 3:] - x_known[:, 3:])).mean() > 0.1
+        jaxpr = jax.make_jaxpr(functools.partial(sample, denoiser, clip_denoised=False))(x_T, schedule)
+        assert [eqn.primitive.name for eqn in jaxpr.eqns].count("scan") == 1
+        eager = sample(denoiser, x_T, schedule, clip_denoised=False)
+        np.testing.assert_allclose(np.asarray(jax.jit(functools.partial(sample, denoiser, clip_denoised=False))(
+            x_T, schedule)), np.asarray(eager), atol=1e-6)
+
+
+def test_time_steps_log_snr_and_karras_as_diffusers():
+    from diffusers import DPMSolverMultistepScheduler
+
+    sched = diffusion.make_schedule("linear")
+    for spacing, flag in (("logsnr", "use_lu_lambdas"), ("karras", "use_karras_sigmas")):
+        scheduler = DPMSolverMultistepScheduler(beta_schedule="linear", **{flag: True})
+        scheduler.set_timesteps(12)
+        times = diffusion.solver_schedule(sched, 12, spacing)
+        np.testing.assert_array_equal(np.asarray(times.timesteps), scheduler.timesteps.numpy())
+        # diffusers' sigma_min = sqrt((1 - abar_0) / abar_0) from float32 abar_0 = 0.9999 is off by 8e-5.
+        np.testing.assert_allclose(np.asarray(times.sigmas), scheduler.sigmas.numpy(), rtol=2e-4)
+    lambdas = -np.log(np.asarray(diffusion.solver_schedule(sched, 12, "logsnr").sigmas[:-1], np.float64))
+    np.testing.assert_allclose(np.diff(lambdas), np.diff(lambdas)[0], rtol=1e-4)
+
+
+def test_bad_solver_arguments_name_themselves():
+    sched = diffusion.make_schedule("cosine")
+    with pytest.raises(ValueError, match="spacing: expected one of"):
+        diffusion.solver_schedule(sched, 10, "uniform")
+    with pytest.raises(ValueError, match="steps: expected at most"):
+        diffusion.solver_schedule(sched, 1001)
+    x = jnp.zeros((2, 3))
+    with pytest.raises(ValueError, match="schedule: expected a SolverSchedule"):
+        diffusion.dpm_solver_sample(lambda x, t: x, x, sched)
+    with pytest.raises(ValueError, match="order: expected an int in"):
+        diffusion.unipc_sample(lambda x, t: x, x, diffusion.solver_schedule(sched, 5), order=4)
+    with pytest.raises(ValueError, match="rng: required with sde=True"):
+        diffusion.dpm_solver_sample(lambda x, t: x, x, diffusion.solver_schedule(sched, 5), sde=True)
