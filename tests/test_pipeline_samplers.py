@@ -67,3 +67,8 @@ def test_cli_flags_make_the_sampler_argument():
     assert sampler_option(args(sampler="unipc", decoder_sampler="ddim"), with_prior=True) == {
         "decoder": "ddim", "upsampler": "unipc", "prior": "unipc"}
     assert sampler_option(args(decoder_sampler="dpm++2m"), with_prior=False) == {"decoder": "dpm++2m"}
+    from dalle2_jax.cli import build_parser
+
+    parsed = build_parser().parse_args(["generate", "a red circle", "--model", "m", "--out", "o.png",
+                                        "--sampler", "unipc", "--prior-sampler", "ddim"])
+    assert sampler_option(parsed, with_prior=True) == {"decoder": "unipc", "upsampler": "unipc", "prior": "ddim"}
