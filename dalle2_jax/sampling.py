@@ -221,7 +221,7 @@ def decode_images(unet, params, rng, *, image_embed=None, text_encodings=None, t
 
     x_T (B, H, W, 3) replaces the initial noise (e.g. from `invert_images`); rng then only
     drives DDPM / DDIM eta > 0 noise. A learned-variance UNet (6 output channels) uses its
-    variance with sampler "ddpm"; DDIM ignores it.
+    variance with sampler "ddpm"; DDIM and the solvers ("dpm++2m", ... see SAMPLERS) ignore it.
     """
     eta = _check_sampler(sampler, eta)
     height, width = _image_size(image_size)
