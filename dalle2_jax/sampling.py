@@ -228,7 +228,7 @@ def decode_images(unet, params, rng, *, image_embed=None, text_encodings=None, t
     batch = _batch_of(image_embed, text_encodings, text_embed, x_T)
     shape = (batch, height, width, unet.out_channels)
     x_T = _check_x_T(x_T, shape)
-    rng = _check_rng(rng, needed=x_T is None or sampler not in diffusion.by_name.DETERMINISTIC or eta != 0.0)
+    rng = _check_rng(rng, needed=x_T is None or sampler not in diffusion.DETERMINISTIC or eta != 0.0)
     cond, uncond = decoder_conditioning(unet, params, batch, image_embed=image_embed, text_encodings=text_encodings,
                                         text_mask=text_mask, text_embed=text_embed, drop_text=drop_text)
     guided = _guided(guidance_scale)
@@ -290,7 +290,7 @@ def upsample_images(unet, params, rng, low_res, *, schedule: diffusion.Diffusion
     batch = low_res.shape[0]
     shape = (batch, height, width, unet.out_channels)
     x_T = _check_x_T(x_T, shape)
-    rng = _check_rng(rng, needed=x_T is None or sampler not in diffusion.by_name.DETERMINISTIC or eta != 0.0)
+    rng = _check_rng(rng, needed=x_T is None or sampler not in diffusion.DETERMINISTIC or eta != 0.0)
     level = None
     if unet.use_noise_level:
         if isinstance(noise_level, bool) or not isinstance(noise_level, (int, np.integer)) or noise_level < 0:

@@ -8,7 +8,6 @@ the same on its test split (docs/measurements.md: 0.9741 at dpm++2m 10 against 0
 """
 import copy
 
-import numpy as np
 import pytest
 
 from dalle2_jax.tasks import prior as prior_task

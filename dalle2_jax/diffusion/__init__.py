@@ -1,5 +1,5 @@
 """Gaussian diffusion: schedules, the forward process, losses, samplers and guidance (no networks)."""
-from dalle2_jax.diffusion.by_name import SAMPLERS, SOLVERS, run_sampler, sampler_schedule
+from dalle2_jax.diffusion.by_name import DETERMINISTIC, SAMPLERS, SOLVERS, run_sampler, sampler_schedule
 from dalle2_jax.diffusion.dpm_solver import dpm_solver_orders, dpm_solver_sample
 from dalle2_jax.diffusion.guidance import classifier_free_guidance
 from dalle2_jax.diffusion.losses import (
@@ -49,6 +49,7 @@ from dalle2_jax.diffusion.schedules import (
 
 __all__ = [
     "DiffusionSchedule",
+    "DETERMINISTIC",
     "SAMPLERS",
     "SOLVERS",
     "SolverSchedule",

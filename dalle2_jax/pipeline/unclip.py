@@ -38,7 +38,6 @@ from dalle2_jax.pipeline.stages import (REQUIRED_STAGES, STAGE_NAME, Stage, abst
 from dalle2_jax.pipeline.storage import read_pipeline_dir, write_pipeline_dir
 from dalle2_jax.tokenizer import Tokenizer
 
-DETERMINISTIC_SAMPLERS = ("ddim", "dpm++2m", "dpm++3m", "unipc")
 INVERTED_ETA = 0.5  # DDIM eta of variations decoded from the image's own x_T (eta 0 reconstructs it)
 INVERSION_FIXED_POINT_ITERS = 2  # extra model calls per inversion step (diffusion.ddim_invert)
 MAX_TEXT_DIFF_THETA = 0.5  # the paper's text diffs go up to theta in [0.25, 0.5]
@@ -221,7 +220,7 @@ class UnCLIPPipeline:
         name = config_get(stage.config, "diffusion.sampler", "ddim") if sampler is None else sampler
         if name not in sampling.SAMPLERS:
             raise ValueError(f"{stage.name}: config diffusion.sampler {name!r} is not one of {sampling.SAMPLERS}")
-        return "ddim" if deterministic and name not in DETERMINISTIC_SAMPLERS else name
+        return "ddim" if deterministic and name not in diffusion.DETERMINISTIC else name
 
     def _steps(self, stage: Stage, steps, name: str) -> int:
         if steps is None:
