@@ -22,7 +22,7 @@ def trained(tmp_path_factory):
 
     train_dir = embeddings.write_embedding_dataset(str(tmp_path_factory.mktemp("emb") / "train"), **pairs(0))
     workdir = tmp_path_factory.mktemp("prior")
-    config = small_config(train_dir, total_steps=80)
+    config = small_config(train_dir)  # 60 steps
     config.diffusion.guidance_scale = 2.0
     task = prior_task.make_task(config, workdir=str(workdir))
     state = loop.train(task, config, str(workdir))
@@ -41,5 +41,5 @@ def test_prior_dpm_solver_10_steps_matches_ddim_64(trained):
     config, params = trained
     reference = _cosine(config, params, "ddim", 64)
     assert reference > 0.8, reference  # a prior that learned its pairs (random unit vectors: cos ~ 0)
-    for sampler in ("dpm++2m", "unipc"):
-        assert abs(_cosine(config, params, sampler, 10) - reference) < 0.01, sampler
+    fast = _cosine(config, params, "dpm++2m", 10)
+    assert abs(fast - reference) < 0.01, (fast, reference)
