@@ -119,6 +119,12 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         config.total_steps = 1_000
         config.optimizer.update(learning_rate=1.0e-5, warmup_steps=100)
         config.init_from = ""
+    elif variant == "tiny":
+        # The demo's prior (400 steps, guidance 2), cosine to the true image embeddings on test /
+        # test_unseen: DDIM 64 steps 0.9717 / 0.9553, dpm++2m 10 steps 0.9741 / 0.9569 (5 steps:
+        # 0.9741 / 0.9566; unipc 10: 0.9739 / 0.9569): the same at a sixth of the evaluations.
+        # base / paper keep the paper's 64 DDIM steps (not measured at their scale).
+        config.diffusion.update(sampler="dpm++2m", sampling_steps=10)
     elif variant == "bench":
         config.model.update(embed_dim=512, text_encoding_dim=512, max_text_len=77, width=512, depth=6,
                             num_heads=8, embed_scale=math.sqrt(512))

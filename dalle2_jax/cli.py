@@ -15,11 +15,17 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decoder-steps", type=int, default=None, help="decoder sampling steps (default: the model's config)")
     parser.add_argument("--upsampler-steps", type=int, default=None, help="sampling steps of each upsampler")
     parser.add_argument("--decoder-guidance", type=float, default=None, help="decoder classifier-free guidance scale")
+    parser.add_argument("--sampler", default=None,
+                        help="sampler of every stage: dpm++2m, dpm++2m-sde, dpm++3m, unipc, ddim, ddpm "
+                             "(default: each stage's config)")
+    parser.add_argument("--decoder-sampler", default=None, help="the decoder's sampler (overrides --sampler)")
+    parser.add_argument("--upsampler-sampler", default=None, help="the upsamplers' sampler (overrides --sampler)")
 
 
 def _add_prior_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prior-steps", type=int, default=None, help="prior sampling steps (paper: 64)")
     parser.add_argument("--prior-guidance", type=float, default=None, help="prior classifier-free guidance scale")
+    parser.add_argument("--prior-sampler", default=None, help="the prior's sampler (overrides --sampler)")
 
 
 def _add_cache_args(parser: argparse.ArgumentParser) -> None:

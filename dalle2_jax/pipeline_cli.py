@@ -20,9 +20,21 @@ from dalle2_jax.training.metrics import write_image_grid
 COMMANDS = ("generate", "variations", "interpolate", "text-diff", "inpaint")
 
 
+def sampler_option(args: argparse.Namespace, with_prior: bool):
+    """The pipeline's `sampler` argument from --sampler and the per-stage --STAGE-sampler flags."""
+    per_stage = {"decoder": getattr(args, "decoder_sampler", None),
+                 "upsampler": getattr(args, "upsampler_sampler", None)}
+    if with_prior:
+        per_stage["prior"] = getattr(args, "prior_sampler", None)
+    every = getattr(args, "sampler", None)
+    if all(value is None for value in per_stage.values()):
+        return every
+    return {stage: value or every for stage, value in per_stage.items() if value or every}
+
+
 def _stage_options(args: argparse.Namespace, with_prior: bool) -> dict:
     options = {"decoder_steps": args.decoder_steps, "upsampler_steps": args.upsampler_steps,
-               "decoder_guidance_scale": args.decoder_guidance}
+               "decoder_guidance_scale": args.decoder_guidance, "sampler": sampler_option(args, with_prior)}
     if with_prior:
         options.update(prior_steps=args.prior_steps, prior_guidance_scale=args.prior_guidance)
     return options

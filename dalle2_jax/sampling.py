@@ -23,7 +23,7 @@ import numpy as np
 
 from dalle2_jax import diffusion
 
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = diffusion.SAMPLERS  # "ddim", "ddpm" and the fast solvers "dpm++2m", "dpm++2m-sde", "dpm++3m", "unipc"
 
 
 def _positive_int(value, name: str) -> int:
@@ -38,6 +38,22 @@ def respaced(schedule: diffusion.DiffusionSchedule, steps: int) -> diffusion.Dif
     if steps > schedule.num_timesteps:
         raise ValueError(f"steps: expected at most the schedule's {schedule.num_timesteps} steps, got {steps}")
     return schedule if schedule.num_timesteps == steps else diffusion.respace(schedule, steps)
+
+
+def sampler_schedule(schedule, steps: int, sampler: str):
+    """What `sampler` runs on: `schedule` (the training schedule, or what this returned before)
+    respaced to `steps` for DDPM/DDIM, the solvers' SolverSchedule of `steps` trailing steps."""
+    steps = _positive_int(steps, "steps")
+    if isinstance(schedule, diffusion.SolverSchedule):
+        if sampler not in diffusion.SOLVERS or schedule.num_steps != steps:
+            raise ValueError(f"schedule: a SolverSchedule of {schedule.num_steps} steps does not run "
+                             f"{sampler!r} for {steps} steps")
+        return schedule
+    if sampler in diffusion.SOLVERS:
+        if steps > schedule.num_timesteps:
+            raise ValueError(f"steps: expected at most the schedule's {schedule.num_timesteps} steps, got {steps}")
+        return diffusion.solver_schedule(schedule, steps)
+    return respaced(schedule, steps)
 
 
 def _image_size(image_size) -> tuple[int, int]:
@@ -127,7 +143,7 @@ def decoder_conditioning(unet, params, batch: int, *, image_embed=None, text_enc
 
 
 def _check_sampler(sampler: str, eta) -> float:
-    """eta as a float (0 for DDPM, which has no eta: one compiled program whatever is passed)."""
+    """eta as a float (0 for all but DDIM, which alone has an eta: one compiled program whatever is passed)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
     if isinstance(eta, bool) or not isinstance(eta, (int, float, np.floating)) or eta < 0:
@@ -156,12 +172,9 @@ def _denoiser(unet, params, guidance_scale, uncond, guided: bool):
 def _run_sampler(unet, denoiser, rng, x_T, cond, schedule, *, sampler, eta, objective, clip_denoised,
                  dynamic_threshold, clip_range=1.0):
     # eta is static: at 0 the DDIM loop draws no noise at all (half the compile time of a traced eta).
-    options = dict(cond=cond, objective=objective, learned_variance=unet.learned_variance,
-                   clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold, clip_range=clip_range)
-    if sampler == "ddim":
-        x0 = diffusion.ddim_sample(denoiser, x_T, schedule, rng, eta=eta, **options)
-    else:
-        x0 = diffusion.ddpm_sample(denoiser, x_T, schedule, rng, **options)
+    x0 = diffusion.run_sampler(sampler, denoiser, x_T, schedule, rng, cond=cond, eta=eta, objective=objective,
+                               learned_variance=unet.learned_variance, clip_denoised=clip_denoised,
+                               clip_range=clip_range, dynamic_threshold=dynamic_threshold)
     return jnp.clip(x0, -1.0, 1.0)
 
 
@@ -196,7 +209,8 @@ def _check_x_T(x_T, shape):
 def _check_rng(rng, needed: bool):
     if rng is None:
         if needed:
-            raise ValueError("rng: required unless x_T is given and the sampler is DDIM with eta 0, got None")
+            raise ValueError("rng: required unless x_T is given and the sampler is deterministic (DDIM with eta 0, "
+                             "dpm++2m, dpm++3m, unipc), got None")
         return jax.random.key(0)  # drives nothing
     return rng
 
@@ -216,18 +230,18 @@ def decode_images(unet, params, rng, *, image_embed=None, text_encodings=None, t
 
     x_T (B, H, W, 3) replaces the initial noise (e.g. from `invert_images`); rng then only
     drives DDPM / DDIM eta > 0 noise. A learned-variance UNet (6 output channels) uses its
-    variance with sampler "ddpm"; DDIM ignores it.
+    variance with sampler "ddpm"; DDIM and the solvers ("dpm++2m", ... see SAMPLERS) ignore it.
     """
     eta = _check_sampler(sampler, eta)
     height, width = _image_size(image_size)
     batch = _batch_of(image_embed, text_encodings, text_embed, x_T)
     shape = (batch, height, width, unet.out_channels)
     x_T = _check_x_T(x_T, shape)
-    rng = _check_rng(rng, needed=x_T is None or sampler != "ddim" or eta != 0.0)
+    rng = _check_rng(rng, needed=x_T is None or sampler not in diffusion.DETERMINISTIC or eta != 0.0)
     cond, uncond = decoder_conditioning(unet, params, batch, image_embed=image_embed, text_encodings=text_encodings,
                                         text_mask=text_mask, text_embed=text_embed, drop_text=drop_text)
     guided = _guided(guidance_scale)
-    return _decode_program(unet, params, rng, x_T, cond, uncond, respaced(schedule, steps),
+    return _decode_program(unet, params, rng, x_T, cond, uncond, sampler_schedule(schedule, steps, sampler),
                            jnp.asarray(1.0 if guidance_scale is None else guidance_scale, jnp.float32),
                            shape=shape, sampler=sampler, eta=eta, objective=objective,
                            clip_denoised=bool(clip_denoised), dynamic_threshold=dynamic_threshold, guided=guided)
@@ -257,11 +271,13 @@ def invert_images(unet, params, images, *, image_embed=None, text_encodings=None
 
 
 def _last_step_switch(unet, params, last_step_params, schedule):
-    """A denoiser running `last_step_params` at the schedule's last step (timestep
-    schedule.timesteps[0]) and `params` before it: Karlo's super_res_last / super_res_first."""
+    """A denoiser running `last_step_params` at the schedule's last step and `params` before
+    it: Karlo's super_res_last / super_res_first."""
     if last_step_params is None:
         return functools.partial(unet.apply, params)
-    last_t = schedule.timesteps[0]
+    # A DiffusionSchedule is indexed by level (its last step is index 0), a SolverSchedule in
+    # sampling order.
+    last_t = schedule.timesteps[-1] if isinstance(schedule, diffusion.SolverSchedule) else schedule.timesteps[0]
 
     def denoiser(x, t, **cond):
         return jax.lax.cond(t[0] == last_t, lambda: unet.apply(last_step_params, x, t, **cond),
@@ -301,37 +317,49 @@ def upsample_images(unet, params, rng, low_res, *, schedule: diffusion.Diffusion
     batch = low_res.shape[0]
     shape = (batch, height, width, unet.out_channels)
     x_T = _check_x_T(x_T, shape)
-    rng = _check_rng(rng, needed=x_T is None or sampler != "ddim" or eta != 0.0)
+    rng = _check_rng(rng, needed=x_T is None or sampler not in diffusion.DETERMINISTIC or eta != 0.0)
     level = None
     if unet.use_noise_level:
         if isinstance(noise_level, bool) or not isinstance(noise_level, (int, np.integer)) or noise_level < 0:
             raise ValueError(f"noise_level: expected an int >= 0, got {noise_level!r}")
         level = jnp.full((batch,), noise_level, jnp.int32)
-    return _upsample_program(unet, params, last_step_params, rng, x_T, low_res, level, respaced(schedule, steps),
+    return _upsample_program(unet, params, last_step_params, rng, x_T, low_res, level,
+                             sampler_schedule(schedule, steps, sampler),
                              shape=shape, sampler=sampler, eta=eta, objective=objective,
                              clip_denoised=bool(clip_denoised),
                              dynamic_threshold=dynamic_threshold, guided=False)
 
 
 @functools.partial(jax.jit, static_argnames=("unet", "objective", "clip_denoised", "dynamic_threshold", "guided",
-                                             "jump_length", "jump_n_sample"))
+                                             "jump_length", "jump_n_sample", "sampler"))
 def _inpaint_program(unet, params, rng, x_T, images, mask, cond, uncond, schedule, guidance_scale, *, objective,
-                     clip_denoised, dynamic_threshold, guided, jump_length, jump_n_sample):
+                     clip_denoised, dynamic_threshold, guided, jump_length, jump_n_sample, sampler="ddpm"):
     x_T, sample_key = _initial_noise(rng, x_T, images.shape)
     denoiser = _denoiser(unet, params, guidance_scale, uncond, guided)
-    x0 = diffusion.repaint_sample(
-        denoiser, x_T, schedule, sample_key, x_known=images, mask=mask, cond=cond, jump_length=jump_length,
-        jump_n_sample=jump_n_sample, objective=objective, learned_variance=unet.learned_variance,
-        clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold)
+    if sampler == "ddpm":
+        x0 = diffusion.repaint_sample(
+            denoiser, x_T, schedule, sample_key, x_known=images, mask=mask, cond=cond, jump_length=jump_length,
+            jump_n_sample=jump_n_sample, objective=objective, learned_variance=unet.learned_variance,
+            clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold)
+    else:  # the known region re-noised to every level the sampler reaches (no resampling jumps)
+        hook = (diffusion.solver_known_region_hook if sampler in diffusion.SOLVERS
+                else diffusion.known_region_hook)(schedule, images, mask)
+        x0 = diffusion.run_sampler(sampler, denoiser, x_T, schedule, sample_key, cond=cond, objective=objective,
+                                   learned_variance=unet.learned_variance, clip_denoised=clip_denoised,
+                                   dynamic_threshold=dynamic_threshold, step_hook=hook)
     return jnp.where(mask, jnp.clip(x0, -1.0, 1.0), images)
 
 
 def inpaint_images(unet, params, rng, images, mask, *, image_embed=None, text_encodings=None, text_mask=None,
                    text_embed=None, drop_text: bool = False, schedule: diffusion.DiffusionSchedule, steps: int,
                    guidance_scale=1.0, jump_length: int = 10, jump_n_sample: int = 1, x_T=None, objective: str = "eps",
-                   clip_denoised: bool = True, dynamic_threshold: float | None = None) -> jax.Array:
-    """RePaint (ancestral sampling with resampling jumps): regenerate `images` (B, H, W, 3)
-    where `mask` ((B, H, W) or (B, H, W, 1), True = replace) is set; the rest is kept exactly."""
+                   clip_denoised: bool = True, dynamic_threshold: float | None = None,
+                   sampler: str = "ddpm") -> jax.Array:
+    """Regenerate `images` (B, H, W, 3) where `mask` ((B, H, W) or (B, H, W, 1), True = replace) is
+    set; the rest is kept exactly. sampler "ddpm": RePaint (ancestral sampling with resampling
+    jumps); any other sampler of SAMPLERS runs with the known region re-noised to each level it
+    reaches (jump_length / jump_n_sample unused)."""
+    _check_sampler(sampler, 0.0)
     images = _check_images(images, "images")
     batch, height, width, _ = images.shape
     mask_shape = np.shape(mask)
@@ -344,8 +372,9 @@ def inpaint_images(unet, params, rng, images, mask, *, image_embed=None, text_en
     cond, uncond = decoder_conditioning(unet, params, batch, image_embed=image_embed, text_encodings=text_encodings,
                                         text_mask=text_mask, text_embed=text_embed, drop_text=drop_text)
     guided = _guided(guidance_scale)
-    return _inpaint_program(unet, params, rng, x_T, images, mask, cond, uncond, respaced(schedule, steps),
+    return _inpaint_program(unet, params, rng, x_T, images, mask, cond, uncond,
+                            sampler_schedule(schedule, steps, sampler),
                             jnp.asarray(1.0 if guidance_scale is None else guidance_scale, jnp.float32),
                             objective=objective, clip_denoised=bool(clip_denoised),
                             dynamic_threshold=dynamic_threshold, guided=guided, jump_length=jump_length,
-                            jump_n_sample=jump_n_sample)
+                            jump_n_sample=jump_n_sample, sampler=sampler)

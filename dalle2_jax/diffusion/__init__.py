@@ -1,4 +1,6 @@
 """Gaussian diffusion: schedules, the forward process, losses, samplers and guidance (no networks)."""
+from dalle2_jax.diffusion.by_name import DETERMINISTIC, SAMPLERS, SOLVERS, run_sampler, sampler_schedule
+from dalle2_jax.diffusion.dpm_solver import dpm_solver_orders, dpm_solver_sample
 from dalle2_jax.diffusion.guidance import classifier_free_guidance
 from dalle2_jax.diffusion.losses import (
     discretized_gaussian_log_likelihood,
@@ -31,6 +33,12 @@ from dalle2_jax.diffusion.samplers import (
     repaint_schedule,
     step_noise,
 )
+from dalle2_jax.diffusion.solver_schedule import (
+    SolverSchedule,
+    solver_known_region_hook,
+    solver_schedule,
+)
+from dalle2_jax.diffusion.unipc import unipc_orders, unipc_sample
 from dalle2_jax.diffusion.schedules import (
     DiffusionSchedule,
     cosine_betas,
@@ -42,6 +50,18 @@ from dalle2_jax.diffusion.schedules import (
 
 __all__ = [
     "DiffusionSchedule",
+    "DETERMINISTIC",
+    "SAMPLERS",
+    "SOLVERS",
+    "SolverSchedule",
+    "run_sampler",
+    "sampler_schedule",
+    "dpm_solver_orders",
+    "dpm_solver_sample",
+    "solver_known_region_hook",
+    "solver_schedule",
+    "unipc_orders",
+    "unipc_sample",
     "classifier_free_guidance",
     "cosine_betas",
     "ddim_invert",

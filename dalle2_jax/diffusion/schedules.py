@@ -63,15 +63,15 @@ def linear_betas(num_timesteps: int) -> np.ndarray:
 
 
 def make_schedule(name_or_betas, num_timesteps: int | None = None, *, dtype=jnp.float32) -> DiffusionSchedule:
-    """A schedule from "cosine" / "linear" (num_timesteps defaults to 1000) or a 1-D array of betas."""
+    """A schedule from "cosine" (alias "squaredcos_cap_v2") / "linear" (num_timesteps defaults to 1000) or a 1-D array of betas."""
     if isinstance(name_or_betas, str):
         num_timesteps = 1000 if num_timesteps is None else num_timesteps
-        if name_or_betas == "cosine":
+        if name_or_betas in ("cosine", "squaredcos_cap_v2"):  # the latter: diffusers' name for it
             betas = cosine_betas(num_timesteps)
         elif name_or_betas == "linear":
             betas = linear_betas(num_timesteps)
         else:
-            raise ValueError(f"name_or_betas: expected 'cosine', 'linear' or an array of betas, got {name_or_betas!r}")
+            raise ValueError(f"name_or_betas: expected 'cosine', 'squaredcos_cap_v2', 'linear' or an array of betas, got {name_or_betas!r}")
     else:
         betas = np.asarray(name_or_betas, dtype=np.float64)
         if betas.ndim != 1 or betas.size == 0:

@@ -31,7 +31,7 @@ import numpy as np
 from dalle2_jax import diffusion
 
 OBJECTIVES = ("x0", "eps", "v")
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = diffusion.SAMPLERS
 EMBED_NORMS = ("unit", "clip_mean_std")
 # Tokens after the text tokens: z_t, timestep, noised z_i, final query.
 NUM_EXTRA_TOKENS = 4
@@ -381,13 +381,14 @@ def sample_image_embeddings(model: DiffusionPrior, params, rng, *, text_embed, t
     """CLIP image embeddings `(B, D)` for B captions (unit norm; Karlo's: unnormalised).
 
     Draws `num_candidates` embeddings per caption as one batch of B * k and keeps the one
-    closest to z_t (`rerank_by_similarity`). `schedule` is the training schedule, respaced
-    here to `steps` (that needs concrete arrays: under `jax.jit` pass a schedule already
-    respaced to `steps`, as `sample_image_embeddings_jit` does). Classifier-free guidance runs
-    the text and null-text halves as one batch; `guidance_scale=None` samples unguided. A prior
-    without learned null text is guided against `null_text` (the empty caption's text_embed,
-    text_encodings, text_mask). `clip_range` clips the predicted x0 (Karlo: 5; None: no clipping).
-    `x_T` (B * num_candidates, D) replaces the initial noise.
+    closest to z_t (`rerank_by_similarity`). `schedule` is the training schedule, turned here
+    into what `sampler` runs on for `steps` (`diffusion.sampler_schedule`; that needs concrete
+    arrays: under `jax.jit` pass its result, as `sample_image_embeddings_jit` does). `sampler`:
+    one of `diffusion.SAMPLERS` ("dpm++2m": DPM-Solver++ 2M, ...). Classifier-free guidance
+    runs the text and null-text halves as one batch; `guidance_scale=None` samples unguided. A
+    prior without learned null text is guided against `null_text` (the empty caption's
+    text_embed, text_encodings, text_mask). `clip_range` clips the predicted x0 (Karlo: 5; None:
+    no clipping). `x_T` (B * num_candidates, D) replaces the initial noise.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
@@ -395,8 +396,7 @@ def sample_image_embeddings(model: DiffusionPrior, params, rng, *, text_embed, t
         raise ValueError(f"num_candidates: expected a positive int, got {num_candidates!r}")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: expected a positive int, got {steps!r}")
-    if schedule.num_timesteps != steps:
-        schedule = diffusion.respace(schedule, steps)
+    schedule = _sampler_schedule(schedule, steps, sampler)
     batch = text_embed.shape[0]
     num_samples = batch * num_candidates
     text = [jnp.repeat(a, num_candidates, axis=0) for a in (text_embed, text_encodings, text_mask)]
@@ -422,12 +422,9 @@ def sample_image_embeddings(model: DiffusionPrior, params, rng, *, text_embed, t
         x_T = jax.random.normal(noise_key, (num_samples, model.embed_dim))
     elif jnp.shape(x_T) != (num_samples, model.embed_dim):
         raise ValueError(f"x_T: expected shape ({num_samples}, {model.embed_dim}), got {jnp.shape(x_T)}")
-    options = dict(cond=cond, objective=model.objective, clip_denoised=clip_range is not None,
-                   clip_range=1.0 if clip_range is None else clip_range)
-    if sampler == "ddim":
-        x_0 = diffusion.ddim_sample(denoiser, x_T, schedule, sample_key, eta=eta, **options)
-    else:
-        x_0 = diffusion.ddpm_sample(denoiser, x_T, schedule, sample_key, **options)
+    x_0 = diffusion.run_sampler(sampler, denoiser, x_T, schedule, sample_key, cond=cond, eta=eta,
+                                objective=model.objective, clip_denoised=clip_range is not None,
+                                clip_range=1.0 if clip_range is None else clip_range)
     candidates = model.apply(params, x_0, method="unnormalize_embed").reshape(batch, num_candidates, model.embed_dim)
     return rerank_by_similarity(candidates, text_embed)
 
@@ -436,11 +433,25 @@ _sample_jitted = jax.jit(sample_image_embeddings,
                          static_argnames=("model", "steps", "sampler", "num_candidates", "eta", "clip_range"))
 
 
+def _sampler_schedule(schedule, steps, sampler):
+    """The schedule `sampler` runs on: built from the training schedule, or already built."""
+    if isinstance(schedule, diffusion.SolverSchedule):
+        if sampler not in diffusion.SOLVERS or schedule.num_steps != steps:
+            raise ValueError(f"schedule: a SolverSchedule of {schedule.num_steps} steps does not run "
+                             f"{sampler!r} for {steps} steps")
+        return schedule
+    if sampler not in diffusion.SOLVERS and schedule.num_timesteps == steps:
+        return schedule
+    return diffusion.sampler_schedule(schedule, steps, sampler)
+
+
 def sample_image_embeddings_jit(model: DiffusionPrior, params, rng, *, schedule: diffusion.DiffusionSchedule,
-                                steps: int = 64, **kwargs) -> jax.Array:
+                                steps: int = 64, sampler: str = "ddim", **kwargs) -> jax.Array:
     """`sample_image_embeddings` as one compiled program, cached per (model, steps, sampler,
     num_candidates, eta) and input shapes; the guidance scale is traced, so changing it does not
     recompile (None does: it selects the unguided program)."""
-    if isinstance(steps, int) and schedule.num_timesteps != steps:
-        schedule = diffusion.respace(schedule, steps)
-    return _sample_jitted(model, params, rng, schedule=schedule, steps=steps, **kwargs)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
+    if isinstance(steps, int) and steps >= 1:
+        schedule = _sampler_schedule(schedule, steps, sampler)
+    return _sample_jitted(model, params, rng, schedule=schedule, steps=steps, sampler=sampler, **kwargs)

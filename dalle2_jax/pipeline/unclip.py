@@ -66,6 +66,23 @@ def _check_latents(latents, shape: tuple, name: str):
 
 
 
+def check_sampler_argument(sampler) -> None:
+    """sampler: None, a name of sampling.SAMPLERS, or a dict of stage name -> such a name."""
+    stage_keys = ("prior", "decoder", "upsampler")
+    if sampler is None or (isinstance(sampler, str) and sampler in sampling.SAMPLERS):
+        return
+    if isinstance(sampler, Mapping):
+        for key, value in sampler.items():
+            if not isinstance(key, str) or not (key in stage_keys or STAGE_NAME.fullmatch(key)) or key == "clip":
+                raise ValueError(f"sampler: expected stage names {stage_keys} (or 'upsampler_1', ...) as keys, "
+                                 f"got {key!r}")
+            if value not in sampling.SAMPLERS:
+                raise ValueError(f"sampler[{key!r}]: expected one of {sampling.SAMPLERS}, got {value!r}")
+        return
+    raise ValueError(f"sampler: expected one of {sampling.SAMPLERS} or a dict of stage name -> sampler, "
+                     f"got {sampler!r}")
+
+
 class UnCLIPPipeline:
     """CLIP + diffusion prior + decoder + upsamplers; see the module docstring.
 
@@ -224,11 +241,25 @@ class UnCLIPPipeline:
         if self.stage_callback is not None:
             self.stage_callback(name)
 
-    def _schedule_for(self, stage: Stage, steps: int) -> diffusion.DiffusionSchedule:
-        key = (stage.name, steps)
+    def _schedule_for(self, stage: Stage, steps: int, sampler: str = "ddim"):
+        """The stage's schedule for `steps` steps of `sampler` (respaced, or the solvers' time steps)."""
+        key = (stage.name, steps, sampler in diffusion.SOLVERS)
         if key not in self._respaced:
-            self._respaced[key] = sampling.respaced(self._schedules[stage.name], steps)
+            self._respaced[key] = sampling.sampler_schedule(self._schedules[stage.name], steps, sampler)
         return self._respaced[key]
+
+    def _sampler(self, stage: Stage, sampler, deterministic: bool = False) -> str:
+        """The stage's sampler from the `sampler` argument: None (the stage config's
+        diffusion.sampler), one name for every stage, or a dict by stage name ("prior", "decoder",
+        "upsampler" for all upsamplers, or "upsampler_1", ...; missing ones take the config's).
+        deterministic: a stochastic choice (ddpm, dpm++2m-sde) falls back to DDIM (eta 0)."""
+        check_sampler_argument(sampler)
+        if isinstance(sampler, Mapping):
+            sampler = sampler.get(stage.name, sampler.get(stage.kind))
+        name = config_get(stage.config, "diffusion.sampler", "ddim") if sampler is None else sampler
+        if name not in sampling.SAMPLERS:
+            raise ValueError(f"{stage.name}: config diffusion.sampler {name!r} is not one of {sampling.SAMPLERS}")
+        return "ddim" if deterministic and name not in diffusion.DETERMINISTIC else name
 
     def _steps(self, stage: Stage, steps, name: str) -> int:
         if steps is None:
@@ -276,13 +307,14 @@ class UnCLIPPipeline:
         return embeds[:len(batch)]
 
     def _sample_prior(self, text, seed: int, steps, guidance_scale, *, argument: str = "prompts",
-                      rows_per_caption: int = 1, x_T=None) -> jax.Array:
+                      rows_per_caption: int = 1, x_T=None, sampler=None) -> jax.Array:
         """Best-of-k prior samples for CLIP text (embeds, encodings, mask) with `rows_per_caption`
         rows per caption of `argument` (named in the error of a caption too long for the prior).
         x_T: the initial noise (rows, D) (diffusers' prior_latents), with one candidate per row."""
         stage, config = self.prior, self.prior.config
         steps = self._steps(stage, steps, "prior_steps")
         scale = self._guidance(stage, guidance_scale, "prior_guidance_scale")
+        prior_sampler = self._sampler(stage, sampler)
         text_embed, encodings, mask = text
         uses_text_encodings = prior_uses_text_encodings(config)
         text_len = config_get(config, "data.text_len")
@@ -315,8 +347,8 @@ class UnCLIPPipeline:
         clip_range = config_get(config, "diffusion.clip_range")
         return prior_lib.sample_image_embeddings_jit(
             stage.module, stage.variables, self._key(seed, stage), text_embed=text_embed, text_encodings=encodings,
-            text_mask=mask, schedule=self._schedule_for(stage, steps), steps=steps,
-            sampler=config_get(config, "diffusion.sampler", "ddim"), guidance_scale=None if scale == 1.0 else scale,
+            text_mask=mask, schedule=self._schedule_for(stage, steps, prior_sampler), steps=steps,
+            sampler=prior_sampler, guidance_scale=None if scale == 1.0 else scale,
             num_candidates=num_candidates, eta=float(config_get(config, "diffusion.eta", 0.0)),
             null_text=null_text, clip_range=None if clip_range is None else float(clip_range), x_T=x_T)[:count]
 
@@ -344,7 +376,7 @@ class UnCLIPPipeline:
     def _decoder_options(self, *, sampler=None, eta=None, clip_denoised=None) -> dict:
         config = self.decoder.config
         return dict(
-            sampler=sampler or config_get(config, "diffusion.sampler", "ddim"),
+            sampler=self._sampler(self.decoder, sampler),
             eta=float(config_get(config, "diffusion.eta", 0.0) if eta is None else eta),
             objective=config_get(config, "diffusion.objective", "eps"),
             clip_denoised=bool(config_get(config, "diffusion.clip_denoised", True) if clip_denoised is None
@@ -354,11 +386,12 @@ class UnCLIPPipeline:
         """Decoder samples in [-1, 1] from x_T (B, S, S, C); text None = no caption."""
         stage = self.decoder
         self._report("decoder")
+        options = self._decoder_options(**options)
         return sampling.decode_images(
             stage.module, stage.variables, self._key(seed, stage), **self._decoder_text(text, x_T.shape[0]),
             image_embed=image_embed if stage.module.use_image_embed else None,
-            schedule=self._schedule_for(stage, steps), steps=steps, guidance_scale=guidance_scale, x_T=x_T,
-            image_size=stage.module.image_size, **self._decoder_options(**options))
+            schedule=self._schedule_for(stage, steps, options["sampler"]), steps=steps,
+            guidance_scale=guidance_scale, x_T=x_T, image_size=stage.module.image_size, **options)
 
     def _invert(self, images_float, image_embed, steps: int) -> jax.Array:
         """The decoder's DDIM inversion of [-1, 1] images at its size, without a caption."""
@@ -372,11 +405,12 @@ class UnCLIPPipeline:
             fixed_point_iters=INVERSION_FIXED_POINT_ITERS)
 
     def _upsample(self, images, seed: int, steps: list[int], *, known=None, frames: bool = False,
-                  x_T_first=None) -> jax.Array:
+                  x_T_first=None, sampler=None) -> jax.Array:
         """Run the upsamplers on [-1, 1] images. `known` = (uint8 image, bool mask) restores the
-        known pixels after every stage. `frames`: one x_T for all rows and DDIM with eta 0, so
-        that frames of an interpolation differ only where their low-res inputs do. `x_T_first`:
-        the first upsampler's initial noise (diffusers' super_res_latents)."""
+        known pixels after every stage. `frames`: one x_T for all rows and a deterministic sampler
+        (DDIM with eta 0 in place of a stochastic one), so that frames of an interpolation differ
+        only where their low-res inputs do. `x_T_first`: the first upsampler's initial noise
+        (diffusers' super_res_latents)."""
         for index, (stage, stage_steps) in enumerate(zip(self.upsamplers, steps)):
             size = stage.module.image_size
             config = stage.config
@@ -390,10 +424,11 @@ class UnCLIPPipeline:
             if has_last_step_model(stage):
                 variables = {"params": stage.variables["params"]}
                 last_step = {"params": stage.variables["last_step_params"]}
+            stage_sampler = self._sampler(stage, sampler, deterministic=frames)
             images = sampling.upsample_images(
                 stage.module, variables, self._key(seed, stage), images, last_step_params=last_step,
-                schedule=self._schedule_for(stage, stage_steps), steps=stage_steps,
-                sampler="ddim" if frames else config_get(config, "diffusion.sampler", "ddim"),
+                schedule=self._schedule_for(stage, stage_steps, stage_sampler), steps=stage_steps,
+                sampler=stage_sampler,
                 eta=0.0 if frames else float(config_get(config, "diffusion.eta", 0.0)),
                 x_T=np.broadcast_to(x_T, (batch, *x_T.shape[1:])),
                 objective=config_get(config, "diffusion.objective", "eps"),
@@ -421,15 +456,18 @@ class UnCLIPPipeline:
     def generate(self, prompts, seed: int = 0, num_images_per_prompt: int = 1, *, prior_steps: int | None = None,
                  decoder_steps: int | None = None, upsampler_steps=None, prior_guidance_scale: float | None = None,
                  decoder_guidance_scale: float | None = None, prior_latents=None, decoder_latents=None,
-                 super_res_latents=None) -> np.ndarray:
+                 super_res_latents=None, sampler=None) -> np.ndarray:
         """Text -> images: uint8 (len(prompts) * num_images_per_prompt, H, W, 3), prompt-major.
 
-        Steps and guidance scales default to each stage's config (diffusion.sampling_steps,
-        diffusion.guidance_scale); upsampler_steps is an int or one per upsampler. As in diffusers,
-        the initial noise of each stage may be given: prior_latents (N, D), decoder_latents
+        Steps, guidance scales and samplers default to each stage's config (diffusion.sampling_steps,
+        diffusion.guidance_scale, diffusion.sampler); upsampler_steps is an int or one per upsampler.
+        sampler: one of sampling.SAMPLERS ("dpm++2m", "dpm++2m-sde", "dpm++3m", "unipc", "ddim",
+        "ddpm") for every stage, or a dict by stage ({"prior": "ddim", "decoder": "dpm++2m"}). As in
+        diffusers, the initial noise of each stage may be given: prior_latents (N, D), decoder_latents
         (N, S, S, 3) and super_res_latents (N, S', S', 3) for the first upsampler (NHWC).
         """
         self._require_prior("generate")
+        check_sampler_argument(sampler)
         prompts = check_prompts(prompts)
         seed = check_seed(seed)
         per_prompt = check_count(num_images_per_prompt, "num_images_per_prompt")
@@ -447,10 +485,11 @@ class UnCLIPPipeline:
         text = self._text(prompts)
         text = tuple(jnp.repeat(a, per_prompt, axis=0) for a in text)
         image_embed = self._sample_prior(text, seed, prior_steps, prior_guidance_scale,
-                                         rows_per_caption=per_prompt, x_T=prior_latents)
+                                         rows_per_caption=per_prompt, x_T=prior_latents, sampler=sampler)
         x_T = self._decoder_noise(seed, batch) if decoder_latents is None else decoder_latents
-        images = self._decode(image_embed, text, x_T, seed, steps=decoder_steps, guidance_scale=decoder_scale)
-        return to_uint8(self._upsample(images, seed, up_steps, x_T_first=super_res_latents))
+        images = self._decode(image_embed, text, x_T, seed, steps=decoder_steps, guidance_scale=decoder_scale,
+                              sampler=sampler)
+        return to_uint8(self._upsample(images, seed, up_steps, x_T_first=super_res_latents, sampler=sampler))
 
     def _check_decoder_latents(self, latents, batch: int):
         module = self.decoder.module
@@ -469,16 +508,18 @@ class UnCLIPPipeline:
     def variations(self, image, num_images: int = 4, seed: int = 0, invert: bool = False, *,
                    eta: float | None = None, decoder_steps: int | None = None, upsampler_steps=None,
                    decoder_guidance_scale: float | None = None, decoder_latents=None,
-                   super_res_latents=None) -> np.ndarray:
+                   super_res_latents=None, sampler=None) -> np.ndarray:
         """Images sharing the CLIP image embedding of `image`: uint8 (num_images, H, W, 3).
 
         invert=False decodes from fresh noise; invert=True from the image's own DDIM-inverted
         x_T with DDIM eta (default INVERTED_ETA; eta 0 reconstructs the image), as the paper's
         "bipartite representation" (z_i, x_T). No caption: the decoder's text is dropped.
-        From the inverted x_T the guidance scale defaults to 1 (the inversion is unguided).
+        From the inverted x_T the guidance scale defaults to 1 (the inversion is unguided) and the
+        decoder samples with DDIM whatever `sampler` says (as `generate`'s; eta is DDIM's).
         decoder_latents / super_res_latents: the initial noise of the decoder and the first upsampler
         (NHWC, num_images rows), as diffusers' UnCLIPImageVariationPipeline takes them.
         """
+        check_sampler_argument(sampler)
         picture = one_image(image, "image")
         num_images = check_count(num_images, "num_images")
         seed = check_seed(seed)
@@ -503,8 +544,9 @@ class UnCLIPPipeline:
         else:
             scale = self._guidance(self.decoder, decoder_guidance_scale, "decoder_guidance_scale")
             x_T = self._decoder_noise(seed, num_images) if decoder_latents is None else decoder_latents
-            images = self._decode(image_embed, None, x_T, seed, steps=steps, guidance_scale=scale, eta=eta)
-        return to_uint8(self._upsample(images, seed, up_steps, x_T_first=super_res_latents))
+            images = self._decode(image_embed, None, x_T, seed, steps=steps, guidance_scale=scale, eta=eta,
+                                  sampler=sampler)
+        return to_uint8(self._upsample(images, seed, up_steps, x_T_first=super_res_latents, sampler=sampler))
 
     def _decoder_input(self, picture: np.ndarray) -> np.ndarray:
         return to_float(square_image(picture, self.decoder.module.image_size))[None]
@@ -514,10 +556,12 @@ class UnCLIPPipeline:
 
     def interpolate(self, image_a, image_b, num_frames: int = 5, seed: int = 0, slerp_noise: bool = False, *,
                     decoder_steps: int | None = None, upsampler_steps=None,
-                    decoder_guidance_scale: float | None = None) -> np.ndarray:
+                    decoder_guidance_scale: float | None = None, sampler=None) -> np.ndarray:
         """Frames decoding slerp(z_a, z_b, theta), theta = linspace(0, 1, num_frames): uint8
-        (num_frames, H, W, 3). DDIM with eta 0 from one x_T shared by all frames, or with
-        slerp_noise=True from the slerp of the two images' inverted x_T (guidance then defaults to 1)."""
+        (num_frames, H, W, 3). A deterministic sampler (`sampler`'s, DDIM eta 0 in place of a
+        stochastic one) from one x_T shared by all frames, or with slerp_noise=True DDIM from the
+        slerp of the two images' inverted x_T (guidance then defaults to 1)."""
+        check_sampler_argument(sampler)
         picture_a, picture_b = one_image(image_a, "image_a"), one_image(image_b, "image_b")
         num_frames = self._check_frames(num_frames)
         seed = check_seed(seed)
@@ -538,17 +582,20 @@ class UnCLIPPipeline:
             scale = self._guidance(self.decoder, decoder_guidance_scale, "decoder_guidance_scale")
             x_T = np.repeat(self._decoder_noise(seed, 1, "interpolate"), num_frames, axis=0)
             clip_denoised = None
+        decoder_sampler = "ddim" if slerp_noise else self._sampler(self.decoder, sampler, deterministic=True)
         images = self._decode(jnp.asarray(frames), None, x_T, seed, steps=steps, guidance_scale=scale,
-                              sampler="ddim", eta=0.0, clip_denoised=clip_denoised)
-        return to_uint8(self._upsample(images, seed, up_steps, frames=True))
+                              sampler=decoder_sampler, eta=0.0, clip_denoised=clip_denoised)
+        return to_uint8(self._upsample(images, seed, up_steps, frames=True, sampler=sampler))
 
     def text_diff(self, image, source_caption: str, target_caption: str, num_frames: int = 5, seed: int = 0, *,
                   max_theta: float = MAX_TEXT_DIFF_THETA, decoder_steps: int | None = None, upsampler_steps=None,
-                  decoder_guidance_scale: float | None = None) -> np.ndarray:
+                  decoder_guidance_scale: float | None = None, sampler=None) -> np.ndarray:
         """Text diffs (paper, section 3.3): z_d = normalize(z_t(target) - z_t(source)); frame k decodes
         slerp(z_i, z_d, theta_k), theta = linspace(0, max_theta, num_frames), with DDIM eta 0 from the
-        image's inverted x_T (frame 0 reconstructs the image). uint8 (num_frames, H, W, 3)."""
+        image's inverted x_T (frame 0 reconstructs the image). uint8 (num_frames, H, W, 3).
+        `sampler` applies to the upsamplers (deterministic ones; the decoder stays DDIM)."""
         self._require_prior("text_diff")
+        check_sampler_argument(sampler)
         picture = one_image(image, "image")
         source = check_caption(source_caption, "source_caption")
         target = check_caption(target_caption, "target_caption")
@@ -571,12 +618,12 @@ class UnCLIPPipeline:
         x_T = np.asarray(self._invert(self._decoder_input(picture), image_embed, steps))
         images = self._decode(jnp.asarray(frames), None, np.repeat(x_T, num_frames, axis=0), seed, steps=steps,
                               guidance_scale=scale, sampler="ddim", eta=0.0, clip_denoised=False)
-        return to_uint8(self._upsample(images, seed, up_steps, frames=True))
+        return to_uint8(self._upsample(images, seed, up_steps, frames=True, sampler=sampler))
 
     def inpaint(self, image, mask, prompt: str, seed: int = 0, num_images: int = 1, *,
                 prior_steps: int | None = None, decoder_steps: int | None = None, upsampler_steps=None,
                 prior_guidance_scale: float | None = None, decoder_guidance_scale: float | None = None,
-                jump_length: int = 10, jump_n_sample: int = 2) -> np.ndarray:
+                jump_length: int = 10, jump_n_sample: int = 2, sampler=None) -> np.ndarray:
         """Regenerate the masked region (True / nonzero = replace) for `prompt`: uint8
         (num_images, H, W, 3) at the last stage's resolution.
 
@@ -584,8 +631,11 @@ class UnCLIPPipeline:
         every step, `jump_n_sample - 1` resampling jumps of `jump_length` steps) conditioned on the
         prior's embedding for the prompt; each upsampler's output gets the known pixels back, and
         at the end they are the input's (centre-cropped and resized to the output size) exactly.
+        A decoder sampler named in `sampler` other than "ddpm" replaces RePaint: it samples with the
+        known pixels re-noised to each level it reaches (no jumps); prior and upsamplers as `generate`.
         """
         self._require_prior("inpaint")
+        check_sampler_argument(sampler)
         picture = one_image(image, "image")
         region = load_mask(mask, "mask", picture.shape[:2])
         prompt = check_caption(prompt, "prompt")
@@ -602,20 +652,23 @@ class UnCLIPPipeline:
         self._guidance(self.prior, prior_guidance_scale, "prior_guidance_scale")
 
         text = tuple(jnp.repeat(a, num_images, axis=0) for a in self._text([prompt]))
-        image_embed = self._sample_prior(text, seed, prior_steps, prior_guidance_scale, argument="prompt")
+        image_embed = self._sample_prior(text, seed, prior_steps, prior_guidance_scale, argument="prompt",
+                                         sampler=sampler)
         stage = self.decoder
         size = stage.module.image_size
         known = np.repeat(to_float(square_image(picture, size))[None], num_images, axis=0)
         decoder_mask = np.repeat(square_mask(region, size)[None], num_images, axis=0)
-        options = self._decoder_options()
-        del options["sampler"], options["eta"]  # RePaint is ancestral sampling
+        named = sampler.get("decoder") if isinstance(sampler, Mapping) else sampler
+        options = self._decoder_options(sampler=named or "ddpm")  # RePaint unless a sampler is named
+        del options["eta"]
         self._report("decoder")
         images = sampling.inpaint_images(
             stage.module, stage.variables, self._key(seed, stage), known, decoder_mask,
             image_embed=image_embed if stage.module.use_image_embed else None, **self._decoder_text(text, num_images),
-            schedule=self._schedule_for(stage, steps), steps=steps, guidance_scale=scale, jump_length=jump_length,
-            jump_n_sample=jump_n_sample, x_T=self._decoder_noise(seed, num_images, "inpaint"), **options)
-        images = to_uint8(self._upsample(images, seed, up_steps, known=(picture, region)))
+            schedule=self._schedule_for(stage, steps, options["sampler"]), steps=steps, guidance_scale=scale,
+            jump_length=jump_length, jump_n_sample=jump_n_sample, x_T=self._decoder_noise(seed, num_images, "inpaint"),
+            **options)
+        images = to_uint8(self._upsample(images, seed, up_steps, known=(picture, region), sampler=sampler))
         full = self.image_size
         replace = square_mask(region, full)[None, :, :, None]
         return np.where(replace, images, square_image(picture, full)[None])

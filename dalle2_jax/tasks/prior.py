@@ -291,7 +291,7 @@ class PriorTask:
         if mesh not in self._sample_fns:
             diffusion_config = self.config.diffusion
             steps = _check_positive(diffusion_config.sampling_steps, "config.diffusion.sampling_steps")
-            schedule = diffusion.respace(self.schedule, steps)
+            schedule = diffusion.sampler_schedule(self.schedule, steps, diffusion_config.get("sampler", "ddim"))
             guidance_scale = diffusion_config.get("guidance_scale")
             guidance_scale = None if guidance_scale is None or guidance_scale == 1.0 else float(guidance_scale)
             options = dict(schedule=schedule, steps=steps, sampler=diffusion_config.get("sampler", "ddim"),
