@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-STAGES = ("clip", "prior", "decoder", "upsampler")
+STAGES = ("clip", "prior", "ar_prior", "decoder", "upsampler")
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
