@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="turn training workdirs into one pipeline directory")
     p.add_argument("--workdir", required=True, help="directory holding clip/, prior/, decoder/, upsampler*/ workdirs")
     p.add_argument("--out", required=True, help="pipeline directory to write")
+    p.add_argument("--prior", choices=("diffusion", "ar"), default="diffusion",
+                   help="which prior workdir becomes the pipeline's prior: prior/ or ar_prior/")
 
     p = sub.add_parser("generate", help="text -> image")
     p.add_argument("prompt", nargs="+", help="one or more captions")
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "export":
         from dalle2_jax.pipeline import export_pipeline
 
-        export_pipeline(args.workdir, args.out)
+        export_pipeline(args.workdir, args.out, prior=args.prior)
     else:
         from dalle2_jax.pipeline_cli import run_pipeline_command
 

@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from dalle2_jax import diffusion, sampling
+from dalle2_jax.models import ar_prior as ar_prior_lib
 from dalle2_jax.models import prior as prior_lib
 from dalle2_jax.models.clip import CLIP, normalize, preprocess_images
 from dalle2_jax.pipeline.inputs import (bucket, check_caption, check_count, check_prompts, check_scale, check_seed,
@@ -35,6 +36,7 @@ from dalle2_jax.pipeline.inputs import (bucket, check_caption, check_count, chec
 from dalle2_jax.pipeline.stages import (REQUIRED_STAGES, STAGE_NAME, Stage, abstract_variables, build_module,
                                         check_variables, config_get, prior_uses_text_encodings, random_variables,
                                         stage_schedule)
+from dalle2_jax.pipeline.stages import is_ar_prior
 from dalle2_jax.pipeline.storage import read_pipeline_dir, write_pipeline_dir
 from dalle2_jax.tokenizer import Tokenizer
 
@@ -259,12 +261,25 @@ class UnCLIPPipeline:
         self._report("prior")
         count = text_embed.shape[0]
         text_embed, encodings, mask = (pad_rows(a, bucket(count)) for a in (text_embed, encodings, mask))
+        if is_ar_prior(config):
+            return self._sample_ar_prior(text_embed, encodings, mask, seed, guidance_scale)[:count]
         return prior_lib.sample_image_embeddings_jit(
             stage.module, stage.variables, self._key(seed, stage), text_embed=text_embed, text_encodings=encodings,
             text_mask=mask, schedule=self._schedule_for(stage, steps), steps=steps,
             sampler=config_get(config, "diffusion.sampler", "ddim"), guidance_scale=None if scale == 1.0 else scale,
             num_candidates=int(config_get(config, "diffusion.num_candidates", 1)),
             eta=float(config_get(config, "diffusion.eta", 0.0)))[:count]
+
+    def _sample_ar_prior(self, text_embed, encodings, mask, seed: int, guidance_scale) -> jax.Array:
+        """The autoregressive prior's samples; its settings are the stage config's `sampling` section."""
+        stage, config = self.prior, self.prior.config
+        scale = check_scale(config_get(config, "sampling.guidance_scale", 1.0) if guidance_scale is None
+                            else guidance_scale, "prior_guidance_scale")
+        return ar_prior_lib.sample_image_embeddings_jit(
+            stage.module, stage.variables, self._key(seed, stage), text_embed=text_embed, text_encodings=encodings,
+            text_mask=mask, temperature=float(config_get(config, "sampling.temperature", 1.0)),
+            top_p=float(config_get(config, "sampling.top_p", 1.0)), guidance_scale=None if scale == 1.0 else scale,
+            num_candidates=int(config_get(config, "sampling.num_candidates", 1)))
 
     def _decoder_text(self, text, batch: int) -> dict:
         """The decoder's text kwargs: the caption's encodings, or without a caption a dropped
