@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/demo", help="where data, checkpoints, the pipeline and outputs go")
     p.add_argument("--quick", action="store_true", help="a few-minute run with tiny step counts (what CI runs)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prior", choices=("diffusion", "ar"), default="diffusion",
+                   help="the pipeline's prior: the diffusion prior or the autoregressive one (paper, 2.2)")
 
     p = sub.add_parser("train", help="train one stage through the shared loop",
                        description="Extra `--config.KEY=VALUE` arguments override config fields, "
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "demo":
         from dalle2_jax.demo import run_demo
 
-        run_demo(workdir=args.workdir, quick=args.quick, seed=args.seed)
+        run_demo(workdir=args.workdir, quick=args.quick, seed=args.seed, prior=args.prior)
     elif args.command == "export":
         from dalle2_jax.pipeline import export_pipeline
 

@@ -130,3 +130,21 @@ def test_paper_config_has_the_papers_parameter_count():
         jax.random.key(0))
     count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes["params"]))
     assert 0.95e9 < count < 1.1e9, count  # Table 3: 1B
+
+
+def test_demo_and_export_choose_the_ar_prior(tmp_path):
+    from dalle2_jax import cli, demo
+
+    overrides = demo.stage_overrides("ar_prior", "quick", 0)
+    assert f"--config.data.text_len={demo.PRIOR_TEXT_LEN}" in overrides and "--config.model.depth=1" in overrides
+    args = cli.build_parser().parse_args(["demo", "--prior", "ar"])
+    assert args.prior == "ar" and cli.build_parser().parse_args(["export", "--workdir", "w", "--out", "o",
+                                                                  "--prior", "ar"]).prior == "ar"
+    with pytest.raises(ValueError, match="prior: expected one of"):
+        demo.run_demo(tmp_path / "demo", prior="autoregressive")
+    with pytest.raises(ValueError, match="prior: expected one of"):
+        export.export_pipeline(tmp_path, tmp_path / "out", prior="autoregressive")
+    for name in ("clip", "prior", "decoder"):
+        (tmp_path / name).mkdir()
+    with pytest.raises(FileNotFoundError, match="no ar_prior/ training workdir"):
+        export.export_pipeline(tmp_path, tmp_path / "out", prior="ar")
