@@ -6,7 +6,7 @@ what tells a pipeline directory's "prior" stage apart from the diffusion prior. 
 configs/prior.py, whose `data` and `eval` sections these share (`dalle2_jax.tasks.ar_prior`).
 
 num_components: the paper keeps 319 principal components of ViT-H/16's 1024-d embeddings; the
-tiny variant keeps 24 of the tiny CLIP's 64 (99.93% of the demo's training-set variance).
+tiny variant keeps 24 of the tiny CLIP's 64 (99.90% of the demo's training-set variance).
 Uniform buckets per component (see models/pca_quantizer.py): 1024 in the paper, 256 here.
 """
 import ml_collections

@@ -146,8 +146,9 @@ class ARPrior(nn.Module):
             raise ValueError("text_embed: required unless continuing a decode cache (decode=True)")
 
         if decode:
-            if with_text and cache_len is None:
-                raise ValueError("cache_len: required when a decode call starts the cache")
+            if with_text and (cache_len is None or cache_len < x.shape[1]):
+                raise ValueError(f"cache_len: expected the cache's length, at least the {x.shape[1]} positions "
+                                 f"of this call, got {cache_len!r}")
             if not with_text and not self.has_variable("cache", "index"):
                 raise ValueError("decode: no cache to continue; start it with a call that passes the text")
             size = cache_len if with_text else None
