@@ -199,8 +199,8 @@ def test_the_dot_product_token_moves_the_cosine_with_z_t(scale):
     image, text = dot_data(rng, 4000, captions)
     quantizer = PCAQuantizer.fit(image, text["text_embed"], num_components=EMBED_DIM, num_buckets=16,
                                  num_dot_buckets=4)
-    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, EMBED_DIM - 1), jnp.int32), dot_token=jnp.zeros(1, int),
-                        **{k: v[:1] for k, v in text.items()})["params"]
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, EMBED_DIM - 1), jnp.int32),
+                                 dot_token=jnp.zeros(1, int), **{k: v[:1] for k, v in text.items()})["params"]
     tx = optax.adam(3e-3)
 
     @jax.jit

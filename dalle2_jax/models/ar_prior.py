@@ -187,7 +187,8 @@ class ARPrior(nn.Module):
         init = nn.initializers.normal(0.02)
         text_len = text_encodings.shape[1]
         text = nn.Dense(self.width, dtype=dtype, name="text_proj")(text_encodings.astype(dtype))
-        embed = nn.Dense(self.width, dtype=dtype, name="embed_proj")(to_prior_scale(text_embed, self.scale).astype(dtype))
+        embed = to_prior_scale(text_embed, self.scale).astype(dtype)
+        embed = nn.Dense(self.width, dtype=dtype, name="embed_proj")(embed)
         dot = nn.Embed(self.num_dot_buckets, self.width, embedding_init=init, name="dot_embed")(dot_token).astype(dtype)
         null_text = self.param("null_text_encodings", init, (self.max_text_len, self.width))
         null_embed = self.param("null_text_embed", init, (self.width,))

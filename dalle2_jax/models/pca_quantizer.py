@@ -80,7 +80,8 @@ class PCAQuantizer:
                              f"got {np.shape(text_embeds)}")
         for name, value, top in (("num_components", num_components, image.shape[1]),
                                  ("num_buckets", num_buckets, None), ("num_dot_buckets", num_dot_buckets, None)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (2 if top is None else 1) \
+            low = 2 if top is None else 1
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low \
                     or (top is not None and value > top):
                 bound = f"in [1, {top}] (the embedding size)" if top else ">= 2"
                 raise ValueError(f"{name}: expected an int {bound}, got {value!r}")
