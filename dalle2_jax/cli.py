@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-STAGES = ("clip", "prior", "decoder", "upsampler")
+STAGES = ("clip", "prior", "ar_prior", "decoder", "upsampler")
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/demo", help="where data, checkpoints, the pipeline and outputs go")
     p.add_argument("--quick", action="store_true", help="a few-minute run with tiny step counts (what CI runs)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prior", choices=("diffusion", "ar"), default="diffusion",
+                   help="the pipeline's prior: the diffusion prior or the autoregressive one (paper, 2.2)")
 
     p = command("train", help="train one stage through the shared loop",
                 description="Extra `--config.KEY=VALUE` arguments override config fields, "
@@ -73,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("export", help="turn training workdirs into one pipeline directory")
     p.add_argument("--workdir", required=True, help="directory holding clip/, prior/, decoder/, upsampler*/ workdirs")
     p.add_argument("--out", required=True, help="pipeline directory to write")
+    p.add_argument("--prior", choices=("diffusion", "ar"), default="diffusion",
+                   help="which prior workdir becomes the pipeline's prior: prior/ or ar_prior/")
 
     p = command("generate", help="text -> image")
     p.add_argument("prompt", nargs="+", help="one or more captions")
@@ -239,11 +243,11 @@ def _run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, extr
     elif args.command == "demo":
         from dalle2_jax.demo import run_demo
 
-        run_demo(workdir=args.workdir, quick=args.quick, seed=args.seed)
+        run_demo(workdir=args.workdir, quick=args.quick, seed=args.seed, prior=args.prior)
     elif args.command == "export":
         from dalle2_jax.pipeline import export_pipeline
 
-        export_pipeline(args.workdir, args.out)
+        export_pipeline(args.workdir, args.out, prior=args.prior)
     elif args.command == "serve":
         from dalle2_jax.serve import serve
 
@@ -251,7 +255,6 @@ def _run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, extr
             serve(args.model, host=args.host, port=args.port, share=args.share)
         except (ValueError, FileNotFoundError) as error:
             raise SystemExit(f"dalle2-jax serve: error: {error}") from None
-
     elif args.command == "convert":
         from dalle2_jax.convert.unclip import is_unclip_dir
         from dalle2_jax.pipeline import UnCLIPPipeline

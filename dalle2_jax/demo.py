@@ -51,8 +51,9 @@ PRIOR_TEXT_LEN = 16  # token positions the prior trains on: the longest shapes c
 # (on upsampled test images its verdicts are the originals' at 5, 8 and 15 sampling steps), though
 # its PSNR drops from 27.6 dB at 240 steps to 25.3 at 160.
 TRAINING = {
-    "full": {"clip": (900, 64), "prior": (400, 64), "decoder": (6000, 8), "upsampler": (140, 16)},
-    "quick": {"clip": (6, 16), "prior": (6, 16), "decoder": (4, 8), "upsampler": (4, 8)},
+    "full": {"clip": (900, 64), "prior": (400, 64), "ar_prior": (400, 64), "decoder": (6000, 8),
+             "upsampler": (140, 16)},
+    "quick": {"clip": (6, 16), "prior": (6, 16), "ar_prior": (6, 16), "decoder": (4, 8), "upsampler": (4, 8)},
 }
 # Training and sampling settings of the full run on top of the tiny configs: short runs take a
 # larger learning rate; the prior samples at guidance 2 (its config: 4). With the 600-step CLIP
@@ -67,6 +68,7 @@ TRAINING = {
 FULL_SETTINGS = {
     "clip": {},
     "prior": {"optimizer.learning_rate": 2e-4, "diffusion.guidance_scale": 2.0},
+    "ar_prior": {"optimizer.learning_rate": 1e-3},  # `--prior ar`: docs/measurements.md (issue 34)
     "decoder": {"optimizer.learning_rate": 1e-3},
     "upsampler": {"optimizer.learning_rate": 1e-3, "diffusion.sampling_steps": 8, "eval.sampling_steps": 8},
 }
@@ -93,6 +95,7 @@ FLOORS = {
 QUICK_MODELS = {  # smaller networks in the quick run: less to compile
     "clip": dict(text_depth=1, vision_depth=1),
     "prior": dict(depth=1, width=64),
+    "ar_prior": dict(depth=1, width=64),
     "decoder": dict(model_channels=16, channel_mult=(1,), attention_resolutions=(), num_res_blocks=1, head_dim=16),
     "upsampler": dict(model_channels=16, channel_mult=(1,)),
 }
@@ -112,7 +115,7 @@ def stage_overrides(stage: str, mode: str, seed: int, extra: dict[str, Any] | No
     values: dict[str, Any] = {"seed": seed, "total_steps": steps, "batch_size": batch,
                               "log_every": max(1, min(50, steps)), "eval_every": steps, "checkpoint_every": 0,
                               "keep_checkpoints": 1, "optimizer.warmup_steps": min(100, max(1, steps // 10))}
-    if stage == "prior":
+    if stage in PRIOR_WORKDIRS.values():
         values["data.text_len"] = PRIOR_TEXT_LEN
     else:
         values.update({f"data.{key}": value for key, value in DATA_SIZES[mode].items()})
@@ -122,12 +125,16 @@ def stage_overrides(stage: str, mode: str, seed: int, extra: dict[str, Any] | No
         # sample grids would only add compilations.
         values.update({"clip": {"eval.num_examples": 40, "eval.batch_size": 40},
                        "prior": {"eval.num_examples": 16, "eval.batch_size": 16, "diffusion.sampling_steps": 4},
+                       "ar_prior": {"eval.num_examples": 16, "eval.batch_size": 16},
                        "decoder": {"eval_every": 0},
                        "upsampler": {"eval_every": 0}}[stage])
     else:
         values.update(FULL_SETTINGS[stage])
     values.update(extra or {})
     return _overrides(values)
+
+
+PRIOR_WORKDIRS = {"diffusion": "prior", "ar": "ar_prior"}  # run_demo(prior=...) -> the workdir trained
 
 
 def _prior_sizes(clip_workdir: Path) -> dict[str, int]:
@@ -280,8 +287,12 @@ def _write_report(workdir: Path, report: dict[str, Any]) -> None:
     atomic_write(workdir / "report.md", lambda f: f.write("\n".join(lines).encode()))
 
 
-def run_demo(workdir: str | os.PathLike = "runs/demo", quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Run the demo in `workdir` (see the module docstring); returns the report."""
+def run_demo(workdir: str | os.PathLike = "runs/demo", quick: bool = False, seed: int = 0,
+             prior: str = "diffusion") -> dict[str, Any]:
+    """Run the demo in `workdir` (see the module docstring); returns the report. prior="ar" trains
+    the autoregressive prior (configs/ar_prior.py, in <workdir>/ar_prior) for the pipeline instead."""
+    if prior not in PRIOR_WORKDIRS:
+        raise ValueError(f"prior: expected one of {sorted(PRIOR_WORKDIRS)}, got {prior!r}")
     if not isinstance(workdir, (str, os.PathLike)) or not os.fspath(workdir):
         raise ValueError(f"workdir: expected a directory path, got {workdir!r}")
     if not isinstance(quick, bool):
@@ -299,7 +310,9 @@ def run_demo(workdir: str | os.PathLike = "runs/demo", quick: bool = False, seed
     console = Console(stderr=True)
     seconds: dict[str, float] = {}
     cpu_seconds: dict[str, float] = {}
-    report: dict[str, Any] = {"mode": mode, "seed": int(seed), "workdir": str(root), "seconds": seconds,
+    prior_workdir = PRIOR_WORKDIRS[prior]
+    report: dict[str, Any] = {"mode": mode, "seed": int(seed), "prior_kind": prior, "workdir": str(root),
+                              "seconds": seconds,
                               "cpu_seconds": cpu_seconds}
 
     def stage(name: str, work: Callable[[], Any]) -> Any:
@@ -316,7 +329,7 @@ def run_demo(workdir: str | os.PathLike = "runs/demo", quick: bool = False, seed
         if _finished(root / name, steps):
             console.log(f"{root / name} already holds step {steps}: not training again")
             return
-        extra = _prior_sizes(root / "clip") if name == "prior" else None
+        extra = _prior_sizes(root / "clip") if name == prior_workdir else None
         if name == "decoder":  # the embed stage's rows: CLIP stays off the decoder's training steps
             extra = {"embeddings_dir": str(root / "embeddings" / "train")}
         state = run_train(name, f"configs/{name}.py:tiny", str(root / name),
@@ -331,15 +344,16 @@ def run_demo(workdir: str | os.PathLike = "runs/demo", quick: bool = False, seed
     stage("embed", lambda: [run_embed(clip_dir=str(root / "clip"), data="shapes", data_dir=str(root / "data"),
                                       out_dir=str(root / "embeddings" / split), split=split, overwrite=True)
                             for split in shapes.SPLITS])
-    for name in ("prior", "decoder", "upsampler"):
+    stage("prior", lambda: train(prior_workdir))
+    for name in ("decoder", "upsampler"):
         stage(name, lambda name=name: train(name))
-    stage("export", lambda: export_pipeline(root, root / "pipeline"))
+    stage("export", lambda: export_pipeline(root, root / "pipeline", prior=prior))
     pipe = UnCLIPPipeline.from_pretrained(root / "pipeline")
     samples_dir = root / "samples"
     report.update(stage("samples", lambda: _samples(pipe, samples_dir, int(seed), quick)))
     report["samples"] = sorted(str(p.relative_to(root)) for p in samples_dir.glob("*.png"))
     for name in ("clip", "prior", "decoder", "upsampler"):
-        report[name] = _last_eval(root / name)
+        report[name] = _last_eval(root / (prior_workdir if name == "prior" else name))
     report["floors_missed"] = check_floors(report)
     _write_report(root, report)
     _print_summary(console, report)

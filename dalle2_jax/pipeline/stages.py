@@ -13,6 +13,7 @@ import numpy as np
 
 from dalle2_jax import diffusion
 from dalle2_jax.models import prior as prior_lib
+from dalle2_jax.models.ar_prior import ARPrior
 from dalle2_jax.models.clip import CLIP
 from dalle2_jax.models.unet import UNet
 
@@ -59,7 +60,7 @@ def build_module(name: str, config: ml_collections.ConfigDict):
         if kind == "clip":
             return CLIP(**kwargs)
         if kind == "prior":
-            return prior_lib.DiffusionPrior(**kwargs)
+            return ARPrior(**kwargs) if is_ar_prior(config) else prior_lib.DiffusionPrior(**kwargs)
         if kind in ("decoder", "upsampler"):
             return UNet(**kwargs)
     except TypeError as error:
@@ -76,6 +77,11 @@ def config_get(config, path: str, default=None):
     return default if node is None else node
 
 
+def is_ar_prior(config) -> bool:
+    """A prior stage's config says `kind: "ar"` for the autoregressive prior (configs/ar_prior.py)."""
+    return config_get(config, "kind") == "ar"
+
+
 def prior_uses_text_encodings(config) -> bool:
     return bool(config_get(config, "data.use_text_encodings", True))
 
@@ -87,6 +93,10 @@ def _example_inputs(stage_name: str, module, config) -> tuple[tuple, dict]:
     kind = "upsampler" if stage_name.startswith("upsampler") else stage_name
     if kind == "clip":
         return (i32(1, module.context_length), f32(1, module.image_size, module.image_size, 3)), {}
+    if kind == "prior" and isinstance(module, ARPrior):
+        return (i32(1, module.num_components - 1),), dict(
+            text_embed=f32(1, module.embed_dim), text_encodings=f32(1, module.max_text_len, module.text_encoding_dim),
+            text_mask=jax.ShapeDtypeStruct((1, module.max_text_len), bool), dot_token=i32(1))
     if kind == "prior":
         return (f32(1, module.embed_dim), i32(1)), dict(
             text_embed=f32(1, module.embed_dim), text_encodings=f32(1, module.max_text_len, module.text_encoding_dim),

@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from dalle2_jax import diffusion, sampling
+from dalle2_jax.models import ar_prior as ar_prior_lib
 from dalle2_jax.models import prior as prior_lib
 from dalle2_jax.models.clip import CLIP, normalize, preprocess_images
 from dalle2_jax.pipeline.inputs import (bucket, check_caption, check_count, check_prompts, check_scale, check_seed,
@@ -34,7 +35,7 @@ from dalle2_jax.pipeline.inputs import (bucket, check_caption, check_count, chec
                                         square_image, square_mask, to_float, to_uint8)
 from dalle2_jax.pipeline.stages import (CORE_STAGES, REQUIRED_STAGES, STAGE_NAME, Stage, abstract_variables,
                                         build_module, check_variables, config_get, has_last_step_model,
-                                        prior_uses_text_encodings, random_variables, stage_schedule)
+                                        is_ar_prior, prior_uses_text_encodings, random_variables, stage_schedule)
 from dalle2_jax.pipeline.storage import read_pipeline_dir, write_pipeline_dir
 from dalle2_jax.tokenizer import Tokenizer
 
@@ -331,13 +332,17 @@ class UnCLIPPipeline:
             batch = text_embed.shape[0]
             encodings = jnp.zeros((batch, 1, stage.module.text_encoding_dim), jnp.float32)
             mask = jnp.zeros((batch, 1), bool)
-        null_text = None
-        if not stage.module.learned_null_text:
-            null_text = tuple(a[0] for a in self._text([""]))  # guided against the empty caption, as Karlo
         self._report("prior")
         count = text_embed.shape[0]
         rows = bucket(count)
         text_embed, encodings, mask = (pad_rows(a, rows) for a in (text_embed, encodings, mask))
+        if is_ar_prior(config):
+            if x_T is not None:
+                raise ValueError("prior_latents: the autoregressive prior samples tokens; it takes no initial noise")
+            return self._sample_ar_prior(text_embed, encodings, mask, seed, guidance_scale)[:count]
+        null_text = None
+        if not stage.module.learned_null_text:
+            null_text = tuple(a[0] for a in self._text([""]))  # guided against the empty caption, as Karlo
         num_candidates = int(config_get(config, "diffusion.num_candidates", 1))
         if x_T is not None:
             if num_candidates != 1:
@@ -351,6 +356,17 @@ class UnCLIPPipeline:
             sampler=prior_sampler, guidance_scale=None if scale == 1.0 else scale,
             num_candidates=num_candidates, eta=float(config_get(config, "diffusion.eta", 0.0)),
             null_text=null_text, clip_range=None if clip_range is None else float(clip_range), x_T=x_T)[:count]
+
+    def _sample_ar_prior(self, text_embed, encodings, mask, seed: int, guidance_scale) -> jax.Array:
+        """The autoregressive prior's samples; its settings are the stage config's `sampling` section."""
+        stage, config = self.prior, self.prior.config
+        scale = check_scale(config_get(config, "sampling.guidance_scale", 1.0) if guidance_scale is None
+                            else guidance_scale, "prior_guidance_scale")
+        return ar_prior_lib.sample_image_embeddings_jit(
+            stage.module, stage.variables, self._key(seed, stage), text_embed=text_embed, text_encodings=encodings,
+            text_mask=mask, temperature=float(config_get(config, "sampling.temperature", 1.0)),
+            top_p=float(config_get(config, "sampling.top_p", 1.0)), guidance_scale=None if scale == 1.0 else scale,
+            num_candidates=int(config_get(config, "sampling.num_candidates", 1)))
 
     def _decoder_text(self, text, batch: int) -> dict:
         """The decoder's text kwargs: the caption's encodings, or without a caption a dropped

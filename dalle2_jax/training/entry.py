@@ -13,7 +13,7 @@ from dalle2_jax import config_util, sharding
 from dalle2_jax.training import loop
 from dalle2_jax.training.state import TrainState
 
-STAGES = ("clip", "prior", "decoder", "upsampler")
+STAGES = ("clip", "prior", "ar_prior", "decoder", "upsampler")
 
 
 def known_stages() -> list[str]:
