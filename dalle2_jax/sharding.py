@@ -132,10 +132,10 @@ def maybe_initialize_distributed() -> bool:
     process_id = _env_int("JAX_PROCESS_ID")
     if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
         raise ValueError(f"JAX_PROCESS_ID: expected an int in [0, {num_processes}), got {process_id}")
-    # Without it, CPU devices of different processes cannot run collectives at all; it changes
-    # nothing on TPU or GPU hosts.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(num_processes=num_processes, process_id=process_id)
+    _use_gloo_for_cpu_collectives()
+    counts = {key: value for key, value in (("num_processes", num_processes), ("process_id", process_id))
+              if value is not None}  # else the cluster auto-detection of jax.distributed fills them
+    jax.distributed.initialize(**counts)
     logging.info("jax.distributed initialised: process %d of %d", jax.process_index(),
                  jax.process_count())
     return True
@@ -151,6 +151,12 @@ def process_zero_first(name: str):
     yield
     if multi and jax.process_index() == 0:
         multihost_utils.sync_global_devices(name)
+
+
+def _use_gloo_for_cpu_collectives() -> None:
+    # Without it, CPU devices of different processes cannot run collectives at all; it changes
+    # nothing on TPU or GPU hosts.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
 def _env_int(name: str) -> int | None:

@@ -171,8 +171,10 @@ def _uniform_log_snr_run(sample, steps, **options):
 
 @pytest.fixture(scope="module")
 def order_errors(scale):
-    """Errors at 9, 19, 39 (and at full scale 79) solver steps; the last pair's slope is the order."""
-    steps = (10, 20, 40, 80) if scale >= 1 else (10, 20, 40)
+    """Errors at 9, 19, 39, 79 solver steps (at reduced scale 19, 39, 79: the 9 -> 19 pair is not yet
+    in the asymptotic regime, and a fit over three points with it lands below the order); the last
+    pair's slope is the order."""
+    steps = (10, 20, 40, 80) if scale >= 1 else (20, 40, 80)
     solvers = {"dpm++2m": (diffusion.dpm_solver_sample, dict(order=2)),
                "dpm++3m": (diffusion.dpm_solver_sample, dict(order=3)),
                "unipc2": (diffusion.unipc_sample, dict(order=2))}

@@ -126,7 +126,7 @@ def test_global_batch_shards_leading_axis(devices8):
 
 
 DISTRIBUTED_ENV = ("DALLE2_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS",
-                   "OMPI_COMM_WORLD_SIZE")
+                   "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
 @pytest.mark.parametrize("env, expected", [
@@ -146,5 +146,25 @@ def test_maybe_initialize_distributed_only_when_asked(monkeypatch, env, expected
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    gloo = []
+    monkeypatch.setattr(sharding, "_use_gloo_for_cpu_collectives", lambda: gloo.append(True))
     assert sharding.maybe_initialize_distributed() is expected
     assert calls == ([((), {})] if expected else [])
+    assert gloo == ([True] if expected else [])
+
+
+def test_maybe_initialize_distributed_passes_the_process_count_and_id(monkeypatch):
+    calls = []
+    for name in DISTRIBUTED_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(sharding, "_use_gloo_for_cpu_collectives", lambda: None)
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    assert sharding.maybe_initialize_distributed()
+    assert calls == [((), {"num_processes": 2, "process_id": 1})]
+    for value, expected in (("2", "JAX_PROCESS_ID: expected an int in"), ("x", "JAX_PROCESS_ID: expected an int")):
+        monkeypatch.setenv("JAX_PROCESS_ID", value)
+        with pytest.raises(ValueError, match=expected):
+            sharding.maybe_initialize_distributed()

@@ -212,12 +212,15 @@ class CLIPTask:
         """<workdir>/tokenizer when it exists, else a BPE trained on the training captions (and saved there)."""
         if self._tokenizer is None:
             directory = None if self.workdir is None else os.path.join(self.workdir, TOKENIZER_SUBDIR)
-            builder = self.builder
+            if jax.process_count() > 1:
+                # Built before the ordered block below: preparing it is itself ordered (process 0
+                # first), and the two orderings must not nest.
+                self.builder  # noqa: B018
             with sharding.process_zero_first("tokenizer"):
                 if directory is not None and os.path.isfile(os.path.join(directory, TOKENIZER_FILE)):
                     tokenizer = Tokenizer.from_dir(directory, context_length=self.model.context_length)
                 else:
-                    tokenizer = train_bpe_tokenizer(read_captions(builder, "train"),
+                    tokenizer = train_bpe_tokenizer(read_captions(self.builder, "train"),
                                                     vocab_size=int(self.config.tokenizer.vocab_size),
                                                     context_length=self.model.context_length)
                     if directory is not None and jax.process_index() == 0:
