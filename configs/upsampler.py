@@ -99,6 +99,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         # tiny: 5 (demo, 240 steps at learning rate 1e-3: test PSNR 27.5 dB with it, 20.2 dB without
         # at 5e-4); the other variants: 0 (none).
         snr_gamma=5.0,
+        # True (objective "x0"): the network predicts the image minus the upsampled low-res one.
+        residual=False,
         sampler="ddim",
         sampling_steps=27,
         eta=0.0,
