@@ -110,7 +110,12 @@ class UpsamplerTask:
         diffusion_config = config.diffusion
         self.schedule = diffusion.make_schedule(diffusion_config.schedule, int(diffusion_config.num_timesteps))
         self.objective = diffusion_config.get("objective", "eps")
-        self.residual = sampling.check_residual(diffusion_config.get("residual", False), self.objective)
+        self.residual = diffusion_config.get("residual", False)
+        if not isinstance(self.residual, bool):
+            raise ValueError(f"config.diffusion.residual: expected a bool, got {self.residual!r}")
+        if self.residual and self.objective != "x0":
+            raise ValueError(f"config.diffusion.objective: a residual upsampler (config.diffusion.residual) "
+                             f"predicts x0, expected 'x0', got {self.objective!r}")
         self.augment_config = config.get("augment") or ml_collections.ConfigDict()
         self.max_noise_level = int(self.augment_config.get("max_noise_level", 0))
         if self.unet.use_noise_level and not 0 <= self.max_noise_level < self.schedule.num_timesteps:
