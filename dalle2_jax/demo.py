@@ -49,9 +49,10 @@ PRIOR_TEXT_LEN = 16  # token positions the prior trains on: the longest shapes c
 # decoder's cheaper resampling (configs/decoder.py) 6000 x 8 takes the time that 5000 x 8 took
 # with residual blocks, and its generated shapes were judged right 78.3% of the time where those
 # gave 68.2% (eight seeds). The prior (600-step CLIP, unguided) reaches the same test cosine at 400
-# steps as at 600 and 800 (0.980; unseen pairs 0.961-0.964), and the upsampler does not decide what the judge sees
-# (on upsampled test images its verdicts are the originals' at 5, 8 and 15 sampling steps), though
-# its PSNR drops from 27.6 dB at 240 steps to 25.3 at 160.
+# steps as at 600 and 800 (0.980; unseen pairs 0.961-0.964). The upsampler predicts x0 as the
+# bicubic-upsampled low-res image plus a residual (configs/upsampler.py): with the v objective its
+# 140 steps left the noise of x_t in the images (border noise 36-42, test PSNR 24 dB against 34 for
+# bicubic); docs/measurements.md, "Upsampler grain (issue 31)".
 TRAINING = {
     "full": {"clip": (900, 64), "prior": (400, 64), "decoder": (6000, 8), "upsampler": (140, 16)},
     "quick": {"clip": (6, 16), "prior": (6, 16), "decoder": (4, 8), "upsampler": (4, 8)},
@@ -64,8 +65,7 @@ TRAINING = {
 # a purple circle and square: 0.99 after 600 steps, 0.96 after 1200) and guidance 4 overshoots:
 # with the 900-step CLIP colour was judged right 82% and shape 69% at 4 (seeds 100-300), 97% and
 # 83% at 2 (eight seeds, 0-700); at 1 (seed 100) the unseen pairs fell to 38% both right. The
-# decoder samples with its config's 50 steps of eta 1, the upsampler with 8 (the 240-step upsampler's test PSNR: 28.8 dB at 8 steps, 28.2 at 15: fewer
-# steps add less noise).
+# decoder samples with its config's 50 steps of eta 1, the upsampler with 8 (DDIM eta 0).
 FULL_SETTINGS = {
     "clip": {},
     "prior": {"optimizer.learning_rate": 2e-4, "diffusion.guidance_scale": 2.0},
