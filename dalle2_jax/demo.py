@@ -13,7 +13,8 @@ example. <workdir>/report.json and report.md hold what was measured: CLIP's zero
 and the prior's cosine similarity against the text-embedding baseline (the stages' last eval
 records in metrics.jsonl), the generated images' colour and shape accuracy judged by
 `data.shapes.classify_shape_image` (overall and on the unseen pairs purple triangle and orange
-circle), the inversion round trip's error, and the time of every stage. A stage whose workdir
+circle; grainy images are judged wrong) with their border noise, the same for the decoder's
+images resized bicubic instead of upsampled (`generation_bicubic`), the inversion round trip's error, and the time of every stage. A stage whose workdir
 already holds its final checkpoint is not trained again.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ DATA_SIZES = {"full": dict(num_train=20_000, num_test=1_000, num_test_unseen=500
               "quick": dict(num_train=512, num_test=160, num_test_unseen=40)}
 IMAGE_SIZE = 64  # of the shapes images; CLIP and the upsampler see 64px, the decoder 32px
 ROWS = 6  # images per sampling call (frames, variations, inpaintings; captions per generate call)
+CLEAN_BORDER_NOISE = 6.0  # `shapes.border_noise` at or below which a generated image's background is clean
 PRIOR_TEXT_LEN = 16  # token positions the prior trains on: the longest shapes caption has 14 of CLIP's 32
 
 # Per stage: (steps, batch size) of the full and the quick run; the rest is the tiny config's.
@@ -47,12 +49,14 @@ PRIOR_TEXT_LEN = 16  # token positions the prior trains on: the longest shapes c
 # decoder's cheaper resampling (configs/decoder.py) 6000 x 8 takes the time that 5000 x 8 took
 # with residual blocks, and its generated shapes were judged right 78.3% of the time where those
 # gave 68.2% (eight seeds). The prior (600-step CLIP, unguided) reaches the same test cosine at 400
-# steps as at 600 and 800 (0.980; unseen pairs 0.961-0.964), and the upsampler does not decide what the judge sees
-# (on upsampled test images its verdicts are the originals' at 5, 8 and 15 sampling steps), though
-# its PSNR drops from 27.6 dB at 240 steps to 25.3 at 160.
+# steps as at 600 and 800 (0.980; unseen pairs 0.961-0.964). The upsampler predicts x0 as the
+# bicubic-upsampled low-res image plus a residual (configs/upsampler.py): with the v objective its
+# 140 steps left the noise of x_t in the images (border noise 36-42, test PSNR 24 dB against 34 for
+# bicubic). The residual one gives 34.8 dB after 140 steps and 37.4 after 280 (8 sampling steps;
+# 37.4 at 50), border noise 1; docs/measurements.md, "Upsampler grain (issue 31)".
 TRAINING = {
     "full": {"clip": (900, 64), "prior": (400, 64), "ar_prior": (400, 64), "decoder": (6000, 8),
-             "upsampler": (140, 16)},
+             "upsampler": (280, 16)},
     "quick": {"clip": (6, 16), "prior": (6, 16), "ar_prior": (6, 16), "decoder": (4, 8), "upsampler": (4, 8)},
 }
 # Training and sampling settings of the full run on top of the tiny configs: short runs take a
@@ -63,8 +67,7 @@ TRAINING = {
 # a purple circle and square: 0.99 after 600 steps, 0.96 after 1200) and guidance 4 overshoots:
 # with the 900-step CLIP colour was judged right 82% and shape 69% at 4 (seeds 100-300), 97% and
 # 83% at 2 (eight seeds, 0-700); at 1 (seed 100) the unseen pairs fell to 38% both right. The
-# decoder samples with its config's 50 steps of eta 1, the upsampler with 8 (the 240-step upsampler's test PSNR: 28.8 dB at 8 steps, 28.2 at 15: fewer
-# steps add less noise).
+# decoder samples with its config's 50 steps of eta 1, the upsampler with 8 (DDIM eta 0).
 FULL_SETTINGS = {
     "clip": {},
     "prior": {"optimizer.learning_rate": 2e-4, "diffusion.guidance_scale": 2.0},
@@ -163,19 +166,51 @@ def _finished(workdir: Path, steps: int) -> bool:
 
 
 def judge(images: np.ndarray, colours: list[str], shape_names: list[str]) -> dict[str, float]:
-    """The pixel judge's colour / shape / both accuracies, overall and on the unseen pairs."""
+    """The pixel judge's colour / shape / both accuracies, overall and on the unseen pairs (a grainy
+    image is judged wrong in both), and the border noise of the images (`shapes.border_noise`,
+    0 on the data): its median, its maximum and the fraction of images at most CLEAN_BORDER_NOISE."""
     from dalle2_jax.data import shapes
 
     seen = [shapes.classify_shape_image(image) for image in images]
     colour_hit = np.array([s[0] == c for s, c in zip(seen, colours)])
     shape_hit = np.array([s[1] == k for s, k in zip(seen, shape_names)])
     unseen = np.array([(c, k) in shapes.HELD_OUT_PAIRS for c, k in zip(colours, shape_names)])
-    result = {"num_images": int(len(images)), "num_unseen_images": int(unseen.sum())}
+    border = np.array([shapes.border_noise(image) for image in images])
+    result = {"num_images": int(len(images)), "num_unseen_images": int(unseen.sum()),
+              "border_noise_median": float(np.median(border)), "border_noise_max": float(border.max()),
+              "clean_frac": float(np.mean(border <= CLEAN_BORDER_NOISE))}
     for prefix, rows in (("", np.ones_like(unseen)), ("unseen_", unseen)):
         result.update({f"{prefix}colour_acc": float(colour_hit[rows].mean()),
                        f"{prefix}shape_acc": float(shape_hit[rows].mean()),
                        f"{prefix}acc": float((colour_hit & shape_hit)[rows].mean())})
     return result
+
+
+def generate_judged(pipe, captions: list[str], seed: int, per_caption: int, **sampling) -> dict[str, np.ndarray]:
+    """`pipe.generate` of `captions` in chunks of ROWS captions (seed + the chunk's start), split at
+    the decoder: {"final": the upsampled images (as `generate` returns them, from the decoder's
+    uint8 images), "decoder": the decoder's images, "bicubic": those resized bicubic to the final
+    size}, so the learned upsampler is judged against bicubic on the same samples."""
+    import jax
+
+    from dalle2_jax.pipeline import UnCLIPPipeline, to_float, to_uint8
+
+    decoder_only = UnCLIPPipeline(pipe.stages[:3], pipe.tokenizer)  # same seeds: the same decoder samples
+    decoder_options = {k: v for k, v in sampling.items() if k != "upsampler_steps"}
+    upsampler_options = {k: v for k, v in sampling.items() if k == "upsampler_steps"}
+    chunks = {"final": [], "decoder": []}
+    for start in range(0, len(captions), ROWS):
+        low = decoder_only.generate(captions[start:start + ROWS], seed=seed + start,
+                                    num_images_per_prompt=per_caption, **decoder_options)
+        chunks["decoder"].append(low)
+        chunks["final"].append(pipe.upsample(low, seed=seed + start, **upsampler_options) if pipe.upsamplers
+                               else low)
+    images = {name: np.concatenate(parts) for name, parts in chunks.items()}
+    size = pipe.image_size
+    low = to_float(images["decoder"])
+    images["bicubic"] = to_uint8(np.clip(np.asarray(jax.image.resize(low, (len(low), size, size, 3), "bicubic")),
+                                         -1, 1))
+    return images
 
 
 def _test_image(colour: str, shape: str, center=(32.0, 32.0), background: str = "white") -> np.ndarray:
@@ -200,13 +235,13 @@ def _samples(pipe, out: Path, seed: int, quick: bool) -> dict[str, Any]:
     per_caption = 1 if quick else 4
     pairs = [(colour, shape) for colour in shapes.COLOUR_NAMES for shape in shapes.SHAPES]
     captions = [CAPTION.format(colour=c, shape=s) for c, s in pairs]
-    images = np.concatenate([
-        pipe.generate(captions[start:start + ROWS], seed=seed + start, num_images_per_prompt=per_caption,
-                      **sampling)
-        for start in range(0, len(captions), ROWS)])
-    write_image_grid(out / "captions.png", images, ncols=per_caption)
-    measured = {"generation": judge(images, [c for c, _ in pairs for _ in range(per_caption)],
-                                    [s for _, s in pairs for _ in range(per_caption)])}
+    generated = generate_judged(pipe, captions, seed, per_caption, **sampling)
+    write_image_grid(out / "captions.png", generated["final"], ncols=per_caption)
+    write_image_grid(out / "captions_bicubic.png", generated["bicubic"], ncols=per_caption)
+    colours = [c for c, _ in pairs for _ in range(per_caption)]
+    shape_names = [s for _, s in pairs for _ in range(per_caption)]
+    measured = {"generation": judge(generated["final"], colours, shape_names),
+                "generation_bicubic": judge(generated["bicubic"], colours, shape_names)}
 
     red_circle = _test_image("red", "circle")
     fresh = pipe.variations(red_circle, num_images=ROWS, seed=seed, **frame_options)
@@ -262,13 +297,21 @@ def _write_report(workdir: Path, report: dict[str, Any]) -> None:
     text = json.dumps(report, indent=2, sort_keys=True) + "\n"
     atomic_write(workdir / "report.json", lambda f: f.write(text.encode()))
     lines = [f"# dalle2-jax demo ({report['mode']}, seed {report['seed']})", ""]
-    for section in ("clip", "prior", "decoder", "upsampler", "generation"):
+    for section in ("clip", "prior", "decoder", "upsampler", "generation", "generation_bicubic"):
         values = report.get(section) or {}
         if values:
             lines += [f"## {section}", "", "| metric | value |", "|---|---|"]
             lines += [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
                       for key, value in sorted(values.items())]
             lines.append("")
+    if report.get("generation"):
+        final, bicubic = report["generation"], report.get("generation_bicubic") or {}
+        lines += [f"Generated images (`generation`; `generation_bicubic`: the same decoder samples resized "
+                  f"bicubic instead of upsampled): border noise (median RGB distance of a border pixel to the "
+                  f"border's median colour, 0-255; the data: 0) at most {CLEAN_BORDER_NOISE:g} on "
+                  f"{100 * final['clean_frac']:.1f}% of the images (median {final['border_noise_median']:.1f}, "
+                  f"max {final['border_noise_max']:.1f}); shape judged right {100 * final['shape_acc']:.1f}% "
+                  f"(bicubic: {100 * bicubic.get('shape_acc', float('nan')):.1f}%).", ""]
     if "inversion_mean_abs_error" in report:
         lines += [f"Inversion round trip (DDIM eta 0), mean abs error in [-1, 1] units: "
                   f"{report['inversion_mean_abs_error']:.4f}", ""]
@@ -370,7 +413,9 @@ def _print_summary(console: Console, report: dict[str, Any]) -> None:
              ("text-embedding baseline cosine (test)", report["prior"].get("test/baseline_cos")),
              ("generated: colour acc", report["generation"]["colour_acc"]),
              ("generated: shape acc", report["generation"]["shape_acc"]),
-             ("generated, unseen pairs: acc", report["generation"]["unseen_acc"])]
+             ("generated, unseen pairs: acc", report["generation"]["unseen_acc"]),
+             (f"generated: border noise <= {CLEAN_BORDER_NOISE:g} (fraction)", report["generation"]["clean_frac"]),
+             ("decoder images resized bicubic: shape acc", report["generation_bicubic"]["shape_acc"])]
     for name, value in picks:
         table.add_row(name, "-" if value is None else f"{value:.3f}")
     table.add_row("total time (s)", f"{sum(report['seconds'].values()):.0f}")

@@ -286,9 +286,29 @@ def _last_step_switch(unet, params, last_step_params, schedule):
     return denoiser
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+def add_low_res(model_output: jax.Array, low_up: jax.Array) -> jax.Array:
+    """A residual upsampler's x0 prediction: the network's output plus the upsampled low-res image
+    `low_up` (on the prediction half of a learned-variance output)."""
+    channels = low_up.shape[-1]
+    if model_output.shape[-1] == channels:
+        return model_output + low_up.astype(model_output.dtype)
+    return jnp.concatenate([model_output[..., :channels] + low_up.astype(model_output.dtype),
+                            model_output[..., channels:]], axis=-1)
+
+
+def check_residual(residual, objective: str) -> bool:
+    """`residual` (a residual upsampler predicts x0 as the upsampled low-res image plus its output)
+    as a bool; it needs the x0 objective."""
+    if not isinstance(residual, (bool, np.bool_)):
+        raise ValueError(f"residual: expected a bool, got {residual!r}")
+    if residual and objective != "x0":
+        raise ValueError(f"objective: a residual upsampler predicts x0, expected 'x0', got {objective!r}")
+    return bool(residual)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("residual",))
 def _upsample_program(unet, params, last_step_params, rng, x_T, low_res, noise_level, schedule, *, shape, sampler,
-                      eta, objective, clip_denoised, dynamic_threshold, guided):
+                      eta, objective, clip_denoised, dynamic_threshold, guided, residual):
     del guided
     x_T, sample_key = _initial_noise(rng, x_T, shape)
     low_res = jax.image.resize(low_res, shape[:3] + (low_res.shape[-1],), unet.low_res_resize)
@@ -296,6 +316,9 @@ def _upsample_program(unet, params, last_step_params, rng, x_T, low_res, noise_l
     if noise_level is not None:
         cond["noise_level"] = noise_level
     denoiser = _last_step_switch(unet, params, last_step_params, schedule)
+    if residual:
+        network = denoiser
+        denoiser = lambda x, t, **kwargs: add_low_res(network(x, t, **kwargs), low_res)  # noqa: E731
     return _run_sampler(unet, denoiser, sample_key, x_T, cond, schedule, sampler=sampler, eta=eta,
                         objective=objective, clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold)
 
@@ -303,13 +326,15 @@ def _upsample_program(unet, params, last_step_params, rng, x_T, low_res, noise_l
 def upsample_images(unet, params, rng, low_res, *, schedule: diffusion.DiffusionSchedule, steps: int,
                     out_size=None, sampler: str = "ddim", eta: float = 0.0, x_T=None, objective: str = "eps",
                     clip_denoised: bool = True, dynamic_threshold: float | None = None,
-                    noise_level: int = 0, last_step_params=None) -> jax.Array:
+                    noise_level: int = 0, last_step_params=None, residual: bool = False) -> jax.Array:
     """Super-resolve `low_res` (B, h, w, 3) in [-1, 1] to (B, H, W, 3), H, W = out_size (default
     the UNet's image_size); the low-res image is resized once, inside the program. `noise_level`
     is the augmentation level fed to a `use_noise_level` UNet (0: a clean low-res image).
     `last_step_params` (variables of the same UNet) run the last step instead of `params`
-    (Karlo's super_res_last)."""
+    (Karlo's super_res_last). residual=True: the UNet predicts x0 minus the resized low-res image
+    (objective "x0")."""
     eta = _check_sampler(sampler, eta)
+    residual = check_residual(residual, objective)
     if not unet.use_low_res:
         raise ValueError("unet: expected an upsampler UNet (use_low_res=True)")
     low_res = _check_images(low_res, "low_res")
@@ -327,7 +352,7 @@ def upsample_images(unet, params, rng, low_res, *, schedule: diffusion.Diffusion
                              sampler_schedule(schedule, steps, sampler),
                              shape=shape, sampler=sampler, eta=eta, objective=objective,
                              clip_denoised=bool(clip_denoised),
-                             dynamic_threshold=dynamic_threshold, guided=False)
+                             dynamic_threshold=dynamic_threshold, guided=False, residual=residual)
 
 
 @functools.partial(jax.jit, static_argnames=("unet", "objective", "clip_denoised", "dynamic_threshold", "guided",

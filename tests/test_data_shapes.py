@@ -108,16 +108,59 @@ def test_judge_is_right_on_every_rendered_shape(rendered):
         assert not wrong, f"{split}: {len(wrong)} wrong, e.g. {wrong[:5]}"
 
 
-def test_judge_survives_blur_and_noise(rendered):
+def test_judge_survives_blur_and_faint_noise(rendered):
     rng = np.random.default_rng(0)
     total = wrong = 0
     for split in shapes.SPLITS:
         for example in rendered[split][:100]:
             image = ndi.gaussian_filter(example["image"].astype(np.float64), (1.0, 1.0, 0))
-            image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).round().astype(np.uint8)
+            image = np.clip(image + rng.normal(0, 2, image.shape), 0, 255).round().astype(np.uint8)
             total += 1
             wrong += shapes.classify_shape_image(image) != (example["colour"], example["shape"])
     assert wrong == 0, f"{wrong}/{total} wrong"
+
+
+def _grainy(image, rng, std, where):
+    noise = rng.normal(0, std, image.shape)
+    return np.clip(image + np.where(where[..., None], noise, 0), 0, 255).round().astype(np.uint8)
+
+
+def test_noise_measures_are_zero_on_renders_and_track_gaussian_grain(rendered):
+    rng = np.random.default_rng(1)
+    examples = rendered["test"][:60]
+    assert max(shapes.border_noise(e["image"]) for e in examples) == 0.0
+    assert max(shapes.fill_noise(e["image"]) for e in examples) == 0.0
+    everywhere = np.ones((64, 64), bool)
+    for std in (4.0, 10.0, 25.0):
+        # The length of a 3-d Gaussian vector of per-channel std s: median 1.538 s, mean 1.596 s.
+        border = np.median([shapes.border_noise(_grainy(e["image"], rng, std, everywhere)) for e in examples])
+        fill = np.median([shapes.fill_noise(_grainy(e["image"], rng, std, everywhere)) for e in examples])
+        np.testing.assert_allclose([border, fill], [1.538 * std, 1.596 * std], rtol=0.12)
+    with pytest.raises(ValueError, match="image"):
+        shapes.border_noise(np.zeros((64, 64), np.uint8))
+
+
+def test_judge_rejects_a_grainy_background_or_a_speckled_fill(rendered):
+    rng = np.random.default_rng(2)
+    examples = rendered["test"][:60] + rendered["test_unseen"][:20]
+    for example in examples:
+        image = example["image"]
+        shape_pixels = np.any(image != image[0, 0], axis=-1)
+        background = ~ndi.binary_dilation(shape_pixels, iterations=2)
+        fill = ndi.binary_erosion(shape_pixels, iterations=1)
+        right = (example["colour"], example["shape"])
+        # Faint grain (std 2, 3 units of the measure) is what clean data looks like to a person.
+        assert shapes.classify_shape_image(_grainy(image, rng, 2.0, np.ones_like(background))) == right
+        # Visible grain on the background alone or on the shape alone: not a correct image.
+        assert shapes.classify_shape_image(_grainy(image, rng, 8.0, background)) == (None, None)
+        assert shapes.classify_shape_image(_grainy(image, rng, 8.0, fill)) == (None, None)
+        # Speckles: 15% of the fill's pixels replaced by the background colour.
+        speckled = image.copy()
+        speckled[fill & (rng.random(fill.shape) < 0.15)] = image[0, 0]
+        assert shapes.fill_noise(speckled) > shapes.NOISE_LIMIT
+        assert shapes.classify_shape_image(speckled) == (None, None)
+        # max_noise=None is the old judge, which looked through the grain.
+        assert shapes.classify_shape_image(_grainy(image, rng, 8.0, background), max_noise=None) == right
 
 
 def test_judge_finds_nothing_in_a_blank_image_and_rejects_bad_shapes():

@@ -22,8 +22,12 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert set(report["seconds"]) == set(report["cpu_seconds"]) == stages
     generation = report["generation"]
     assert generation["num_images"] == 18 and generation["num_unseen_images"] == 2
-    for key in ("colour_acc", "shape_acc", "acc", "unseen_colour_acc", "unseen_shape_acc", "unseen_acc"):
-        assert 0.0 <= generation[key] <= 1.0
+    for section in ("generation", "generation_bicubic"):
+        for key in ("colour_acc", "shape_acc", "acc", "unseen_colour_acc", "unseen_shape_acc", "unseen_acc",
+                    "clean_frac"):
+            assert 0.0 <= report[section][key] <= 1.0
+        assert 0.0 <= report[section]["border_noise_median"] <= report[section]["border_noise_max"] <= 443.5
+    assert "border noise" in (workdir / "report.md").read_text()
     # The stages' evaluations ran and were read back from their metrics.jsonl.
     for key in ("test/colour_acc", "test/shape_acc", "test_unseen/acc"):
         assert 0.0 <= report["clip"][key] <= 1.0
@@ -38,7 +42,8 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     pipe = UnCLIPPipeline.from_pretrained(workdir / "pipeline")
     size = pipe.image_size
     assert size == 64 and [stage.name for stage in pipe.stages] == ["clip", "prior", "decoder", "upsampler"]
-    expected = {"captions.png": (18 * size, size), "variations.png": (2 * size, ROWS * size),
+    expected = {"captions.png": (18 * size, size), "captions_bicubic.png": (18 * size, size),
+                "variations.png": (2 * size, ROWS * size),
                 "interpolation.png": (size, ROWS * size), "text_diff.png": (size, ROWS * size),
                 "inpainting.png": (size, (ROWS + 2) * size)}
     assert sorted(report["samples"]) == sorted(f"samples/{name}" for name in expected)
@@ -75,3 +80,27 @@ def test_floors_pass_the_measured_runs_and_fail_chance():
     assert demo.check_floors(dict(QUICK_RUN, decoder_inversion_mean_abs_error=0.5)) == [
         "decoder_inversion_mean_abs_error = 0.5, expected <= 0.02"]
     assert demo.check_floors({"mode": "quick"}) == ["decoder_inversion_mean_abs_error: not measured"]
+
+
+def test_judge_and_report_give_the_border_noise_and_judge_grainy_images_wrong(tmp_path):
+    from dalle2_jax.data import shapes
+    from dalle2_jax.demo import CLEAN_BORDER_NOISE, _write_report, judge
+
+    rng = np.random.default_rng(0)
+    clean = [shapes.render_shape(c, k, diameter=28.0, center=(32.0, 32.0), background="white")
+             for c, k in (("red", "circle"), ("blue", "square"), ("purple", "triangle"), ("green", "square"))]
+    grainy = np.clip(clean[3] + rng.normal(0, 10, clean[3].shape), 0, 255).round().astype(np.uint8)
+    images = np.stack(clean[:3] + [grainy])
+    result = judge(images, ["red", "blue", "purple", "green"], ["circle", "square", "triangle", "square"])
+    # The grainy square (border noise ~15 units) is neither clean nor judged right.
+    assert result["clean_frac"] == 0.75 and result["border_noise_median"] == 0.0
+    assert result["border_noise_max"] > 2 * CLEAN_BORDER_NOISE
+    assert result["colour_acc"] == result["shape_acc"] == result["acc"] == 0.75
+    assert result["num_unseen_images"] == 1 and result["unseen_acc"] == 1.0
+
+    report = {"mode": "full", "seed": 0, "seconds": {"data": 1.0}, "cpu_seconds": {"data": 1.0}, "samples": [],
+              "generation": result, "generation_bicubic": dict(result, shape_acc=0.5)}
+    _write_report(tmp_path, report)
+    text = (tmp_path / "report.md").read_text()
+    assert "## generation_bicubic" in text and "| clean_frac | 0.75 |" in text
+    assert "at most 6 on 75.0% of the images" in text and "(bicubic: 50.0%)" in text

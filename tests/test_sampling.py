@@ -160,3 +160,58 @@ def test_bad_arguments_name_the_argument(decoder, upsampler, cosine):
     with pytest.raises(ValueError, match="unet"):
         sampling.upsample_images(unet, params, jax.random.key(0), jnp.zeros((BATCH, 4, 4, 3)), schedule=cosine,
                                  steps=3)
+
+
+def _point_mass_denoiser(sched, x_star, objective):
+    """The exact denoiser of data that is always the image x_star: from x_t the noise is known."""
+    def denoiser(x, t, **_):
+        index = jnp.searchsorted(sched.timesteps, t)  # original timesteps -> indices of `sched`
+        abar = sched.alphas_cumprod[index][:, None, None, None]
+        eps = (x - jnp.sqrt(abar) * x_star) / jnp.sqrt(1.0 - abar)
+        return {"eps": eps, "x0": jnp.broadcast_to(x_star, x.shape),
+                "v": jnp.sqrt(abar) * eps - jnp.sqrt(1.0 - abar) * x_star}[objective]
+
+    return denoiser
+
+
+@pytest.mark.parametrize("objective", ["eps", "v", "x0"])
+def test_more_sampling_steps_add_no_noise_with_an_exact_denoiser(cosine, objective):
+    from dalle2_jax.data import shapes
+
+    # A flat background and fill: any noise left by the sampler's last steps shows on the border.
+    image = shapes.render_shape("red", "circle", diameter=14.0, center=(16.0, 16.0), background="light_gray",
+                                image_size=32)
+    x_star = jnp.asarray(image, jnp.float32)[None] / 127.5 - 1.0
+    x_T = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    for steps in (8, 50):
+        sched = sampling.respaced(cosine, steps)
+        denoiser = _point_mass_denoiser(sched, x_star, objective)
+        for name, run in (("ddim eta 0", lambda: diffusion.ddim_sample(denoiser, x_T, sched, objective=objective)),
+                          ("ddim eta 1", lambda: diffusion.ddim_sample(denoiser, x_T, sched, jax.random.key(1),
+                                                                       eta=1.0, objective=objective))):
+            samples = np.asarray(run())
+            assert np.abs(samples - np.asarray(x_star)).max() < 2e-3, (steps, name)
+            as_uint8 = np.clip(np.round((samples + 1) * 127.5), 0, 255).astype(np.uint8)
+            assert [shapes.border_noise(s) for s in as_uint8] == [0.0, 0.0], (steps, name)
+
+
+def test_an_untrained_residual_upsampler_returns_the_resized_low_res_image(upsampler, cosine):
+    # The output convolution is zero-initialised (as ADM's): the network predicts a zero residual,
+    # so x0 is the resized low-res image at every step, and so is the sample, whatever the steps.
+    unet, params = upsampler
+    params = jax.tree_util.tree_map(lambda p: p, params)
+    params["params"]["conv_out"] = jax.tree_util.tree_map(jnp.zeros_like, params["params"]["conv_out"])
+    low_res = jnp.tanh(jax.random.normal(jax.random.key(7), (BATCH, SIZE // 2, SIZE // 2, 3)))
+    resized = np.clip(np.asarray(jax.image.resize(low_res, (BATCH, SIZE, SIZE, 3), unet.low_res_resize)), -1, 1)
+    for steps in (8, 50):
+        for eta in (0.0, 1.0):
+            samples = sampling.upsample_images(unet, params, jax.random.key(steps), low_res, schedule=cosine,
+                                               steps=steps, eta=eta, objective="x0", residual=True)
+            np.testing.assert_allclose(np.asarray(samples), resized, atol=1e-4, err_msg=f"{steps} steps, eta {eta}")
+    # The plain x0 objective from the same network predicts zero instead: the residual is what adds it.
+    plain = sampling.upsample_images(unet, params, jax.random.key(0), low_res, schedule=cosine, steps=8,
+                                     objective="x0")
+    assert float(jnp.abs(plain).max()) < 1e-2
+    with pytest.raises(ValueError, match="objective"):
+        sampling.upsample_images(unet, params, jax.random.key(0), low_res, schedule=cosine, steps=8,
+                                 objective="v", residual=True)

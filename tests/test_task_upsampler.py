@@ -30,7 +30,9 @@ def upsampler_overrides(data_dir: str, **extra) -> list[str]:
 
 @pytest.fixture(scope="module")
 def task(data_dir):
-    return upsampler.make_task(config_util.load_config("configs/upsampler.py:tiny", upsampler_overrides(data_dir)))
+    # The blur of the paper's first upsampler (tiny trains on the clean low-res image).
+    return upsampler.make_task(config_util.load_config("configs/upsampler.py:tiny",
+                                                       upsampler_overrides(data_dir, degradation="blur")))
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +148,20 @@ def test_bad_configuration_raises(data_dir):
         make(**{"data.image_size": 64})
     with pytest.raises(ValueError, match="config.data.data_dir"):
         make(**{"data.data_dir": ""})
+    with pytest.raises(ValueError, match="config.diffusion.objective"):
+        make(**{"diffusion.objective": "v", "diffusion.residual": True})
+
+
+def test_residual_loss_measures_the_error_of_bicubic_plus_the_network(task):
+    # tiny is residual x0: with the output convolution at zero the prediction is the upsampled
+    # (blurred) low-res crop itself, and the per-example mse is exactly its error.
+    assert task.residual and task.objective == "x0"
+    images = jnp.asarray(decoder.to_float(task.eval_images()))
+    params = task.init_params(jax.random.key(0), None)
+    params = dict(params, conv_out=jax.tree_util.tree_map(jnp.zeros_like, params["conv_out"]))
+    key = jax.random.key(5)
+    losses = jax.jit(lambda p: task.example_losses(p, {"image": images}, key))(params)
+    pair_key = jax.random.split(key, 5)[0]
+    high, low_up = task.training_pair(pair_key, images)
+    np.testing.assert_allclose(losses["mse"], np.mean(np.square(high - low_up), axis=(1, 2, 3)), rtol=1e-5)
+    assert float(jnp.min(losses["mse"])) > 0  # the blur leaves an error for the network to remove

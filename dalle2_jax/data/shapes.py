@@ -12,7 +12,11 @@ Splits: `train` and `test` never contain the held-out colour-shape pairs
 (purple triangle, orange circle); `test_unseen` contains only them.
 
 `classify_shape_image` is a pixel-level judge that recovers (colour, shape)
-from an image, used to score generated samples.
+from an image, used to score generated samples. The renders are flat: their
+background and fill are one colour each, so `border_noise` / `fill_noise` (the
+median RGB distance of the border pixels / the shape's core pixels to their
+median colour, 0-255 units; the fill's mean distance) are about 0 on them, and the judge calls an image
+whose background or fill is visibly grainy (either above `NOISE_LIMIT`) no shape.
 """
 from __future__ import annotations
 
@@ -243,6 +247,45 @@ _MIN_CONTRAST = 40.0  # RGB distance below which nothing counts as a shape
 _JUDGE_SUBSAMPLES = 4  # per pixel and axis, to give the ideal shapes fractional coverage
 _JUDGE_BLURS = (0.0, 0.75, 1.5, 2.25)  # Gaussian widths in pixels at which ideals are compared
 _JUDGE_RING = 3  # pixels around the detected region that still count towards its coverage
+# RGB distance (0-255) to the median colour above which a flat area reads as grainy. Gaussian noise
+# of per-channel std s gives a median of 1.54 s and a mean of 1.60 s (3-d chi); 8 is s = 5, which a
+# person sees on a flat colour. The renders give 0 (borders and the fill's core).
+NOISE_LIMIT = 8.0
+
+
+def _border(values: np.ndarray) -> np.ndarray:
+    """The outermost ring of pixels of (H, W, ...) values, as (4 H + 4 W - 4 or so, ...)."""
+    return np.concatenate([values[0], values[-1], values[1:-1, 0], values[1:-1, -1]])
+
+
+def border_noise(image: np.ndarray) -> float:
+    """Median RGB distance (0-255 units) of the border pixels of a uint8 (H, W, 3) image to the
+    border's median colour: 0 on a flat background, ~1.54 s under Gaussian noise of std s."""
+    border = _border(_check_image(image).astype(np.float64))
+    return float(np.median(np.linalg.norm(border - np.median(border, axis=0), axis=-1)))
+
+
+def fill_noise(image: np.ndarray) -> float:
+    """Mean RGB distance (0-255 units) of the pixels well inside the most salient shape (its region
+    with holes filled, eroded by 2 pixels) to their median colour; 0 when no shape is found. The
+    mean, not the median, so that speckles on a few of the pixels count."""
+    found = foreground_coverage(_check_image(image))
+    return 0.0 if found is None else _fill_noise(*found)
+
+
+def _fill_noise(coverage: np.ndarray, pixels: np.ndarray) -> float:
+    core = ndi.binary_erosion(ndi.binary_fill_holes(coverage > 0.5), iterations=2)
+    if core.sum() < 4:
+        return 0.0
+    core_pixels = pixels[core]
+    return float(np.mean(np.linalg.norm(core_pixels - np.median(core_pixels, axis=0), axis=-1)))
+
+
+def _check_image(image) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3 or min(image.shape[:2]) < 8:
+        raise ValueError(f"image: expected (H, W, 3) with H, W >= 8, got shape {image.shape}")
+    return image
 
 
 def ideal_shape_coverage(coverage: np.ndarray) -> dict[str, np.ndarray]:
@@ -292,11 +335,9 @@ def foreground_coverage(image: np.ndarray) -> tuple[np.ndarray, np.ndarray] | No
     from the background, so distance / contrast estimates the covered fraction.
     """
     pixels = image.astype(np.float64)
-    border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
-    background = np.median(border, axis=0)
+    background = np.median(_border(pixels), axis=0)
     distance = np.linalg.norm(pixels - background, axis=-1)
-    border_distance = np.concatenate([distance[0], distance[-1], distance[1:-1, 0], distance[1:-1, -1]])
-    noise_floor = float(np.median(border_distance))
+    noise_floor = float(np.median(_border(distance)))
     strongest = float(np.percentile(distance, 99.5))
     if strongest - noise_floor < _MIN_CONTRAST:
         return None
@@ -320,21 +361,24 @@ def foreground_coverage(image: np.ndarray) -> tuple[np.ndarray, np.ndarray] | No
     return coverage, pixels
 
 
-def classify_shape_image(image: np.ndarray) -> tuple[str | None, str | None]:
-    """(colour, shape) seen in a uint8 (H, W, 3) image; (None, None) when no shape stands out.
+def classify_shape_image(image: np.ndarray, max_noise: float | None = NOISE_LIMIT
+                         ) -> tuple[str | None, str | None]:
+    """(colour, shape) seen in a uint8 (H, W, 3) image; (None, None) when no shape stands out,
+    or when its background or fill is grainy (`border_noise` or `fill_noise` above `max_noise`;
+    None judges any image).
 
     Colour: the palette colour nearest to the median of the shape's core
     pixels. Shape: the best soft intersection over union with an ideal circle,
     square or upward triangle of the shape's area and centroid (moments barely
     move under noise or blur, unlike a bounding box).
     """
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[-1] != 3 or min(image.shape[:2]) < 8:
-        raise ValueError(f"image must be (H, W, 3) with H, W >= 8, got shape {image.shape}")
+    image = _check_image(image)
     found = foreground_coverage(image)
     if found is None:
         return None, None
     coverage, pixels = found
+    if max_noise is not None and (border_noise(image) > max_noise or _fill_noise(coverage, pixels) > max_noise):
+        return None, None
     # The core (pixels at least 3/4 covered) carries the colour without edge blending.
     core = coverage > 0.75
     colour_value = np.median(pixels[core if core.any() else coverage > 0], axis=0)

@@ -448,7 +448,8 @@ class UnCLIPPipeline:
                 eta=0.0 if frames else float(config_get(config, "diffusion.eta", 0.0)),
                 x_T=np.broadcast_to(x_T, (batch, *x_T.shape[1:])),
                 objective=config_get(config, "diffusion.objective", "eps"),
-                clip_denoised=bool(config_get(config, "diffusion.clip_denoised", True)))
+                clip_denoised=bool(config_get(config, "diffusion.clip_denoised", True)),
+                residual=bool(config_get(config, "diffusion.residual", False)))
             if known is not None:
                 image, mask = known
                 replace = square_mask(mask, size)[None, :, :, None]
@@ -464,6 +465,19 @@ class UnCLIPPipeline:
     def encode_text(self, prompts) -> np.ndarray:
         """Unit-norm CLIP text embeddings (N, D) of a caption or a list of captions."""
         return np.asarray(normalize(self._text(check_prompts(prompts))[0]))
+
+    def upsample(self, images, seed: int = 0, *, upsampler_steps=None) -> np.ndarray:
+        """The upsamplers alone: uint8 images at the decoder's resolution (arrays, PIL images or
+        paths) -> uint8 (N, H, W, 3). With the seed and batch of a `generate` call it upsamples
+        that call's decoder images as `generate` does (from their uint8 rounding)."""
+        seed = check_seed(seed)
+        up_steps = self._upsampler_steps(upsampler_steps)
+        size = int(self.decoder.module.image_size)
+        images = load_images(images, "images")
+        if any(image.shape[:2] != (size, size) for image in images):
+            raise ValueError(f"images: expected ({size}, {size}, 3) images, the decoder's resolution, got "
+                             f"{sorted({image.shape for image in images})}")
+        return to_uint8(self._upsample(jnp.asarray(to_float(np.stack(images))), seed, up_steps))
 
     def encode_image(self, images) -> np.ndarray:
         """Unit-norm CLIP image embeddings (N, D) of uint8 images, PIL images or paths."""

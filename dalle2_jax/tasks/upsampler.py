@@ -12,7 +12,9 @@ from the high-res image by BSR-style blur, random-method resizing and noise
 trained on random crops covering `crop_fraction` of the area of the aligned
 (high-res, upsampled low-res) pair; being fully convolutional it samples at
 full size. With `model.use_noise_level` the conditioning image is also noised
-to a random level, which the network sees.
+to a random level, which the network sees. With `diffusion.residual` (objective "x0") the
+network predicts the clean image minus the upsampled conditioning image, so an untrained one
+returns that image (bicubic) and noise in x_t is not passed through to the output.
 
 Evaluation upsamples the clean low-res versions of the first test images,
 writes workdir/samples/step_<N>.png (rows: low-res input, sample, ground truth)
@@ -108,6 +110,12 @@ class UpsamplerTask:
         diffusion_config = config.diffusion
         self.schedule = diffusion.make_schedule(diffusion_config.schedule, int(diffusion_config.num_timesteps))
         self.objective = diffusion_config.get("objective", "eps")
+        self.residual = diffusion_config.get("residual", False)
+        if not isinstance(self.residual, bool):
+            raise ValueError(f"config.diffusion.residual: expected a bool, got {self.residual!r}")
+        if self.residual and self.objective != "x0":
+            raise ValueError(f"config.diffusion.objective: a residual upsampler (config.diffusion.residual) "
+                             f"predicts x0, expected 'x0', got {self.objective!r}")
         self.augment_config = config.get("augment") or ml_collections.ConfigDict()
         self.max_noise_level = int(self.augment_config.get("max_noise_level", 0))
         if self.unet.use_noise_level and not 0 <= self.max_noise_level < self.schedule.num_timesteps:
@@ -197,6 +205,8 @@ class UpsamplerTask:
         output = self.unet.apply({"params": params}, x_t, self.schedule.timesteps[t],
                                  **self._unet_kwargs(level_key, low_up, size), train=train,
                                  rngs={"dropout": dropout_key})
+        if self.residual:
+            output = sampling.add_low_res(output, low_up)
         return diffusion.training_losses(
             self.schedule, output, x_start=x_start, x_t=x_t, t=t, noise=noise, objective=self.objective,
             learned_variance=self.unet.learned_variance,
@@ -236,7 +246,7 @@ class UpsamplerTask:
             self.unet, {"params": params}, rng, rows["low_res"], schedule=self.schedule,
             steps=int(steps or self.config.eval.sampling_steps), sampler=diffusion_config.get("sampler", "ddim"),
             eta=float(diffusion_config.get("eta", 0.0)), objective=self.objective,
-            clip_denoised=bool(diffusion_config.get("clip_denoised", True)))
+            clip_denoised=bool(diffusion_config.get("clip_denoised", True)), residual=self.residual)
         return decoder_stage.gather_rows(samples, count)
 
     def evaluate(self, params, *, step: int, workdir: str) -> dict[str, float]:
