@@ -65,7 +65,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     config.checkpoint_every = 2_000
     config.keep_checkpoints = 3
     config.progress_bar = True
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, min_fsdp_size=2**18))
     config.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=3e-4,
         warmup_steps=1_000,

@@ -118,20 +118,27 @@ def _mesh_of(params) -> jax.sharding.Mesh:
     return sharding.make_mesh(devices=jax.local_devices())
 
 
+def resolve_train_dir(config, workdir, config_file: str) -> tuple[Any, str]:
+    """(config.data, the training embeddings directory: config.data.train_dir, else
+    <workdir>/../embeddings/train), checked to exist."""
+    data_config = config.get("data")
+    if data_config is None:
+        raise ValueError(f"config.data: required (train_dir, eval_dirs, ...; see {config_file})")
+    train_dir = data_config.get("train_dir") or (None if workdir is None else default_train_dir(workdir))
+    if not train_dir:
+        raise ValueError("config.data.train_dir: required when no workdir is given "
+                         "(the default is <workdir>/../embeddings/train)")
+    if not os.path.isdir(train_dir):
+        raise FileNotFoundError(f"config.data.train_dir: expected a CLIP embedding directory (`dalle2-jax "
+                                f"embed` or clip-retrieval), {train_dir!r} is not a directory")
+    return data_config, train_dir
+
+
 class PriorTask:
     """`training.task.Task` of the prior stage; see the module docstring."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None):
-        data_config = config.get("data")
-        if data_config is None:
-            raise ValueError("config.data: required (train_dir, eval_dirs, ...; see configs/prior.py)")
-        train_dir = data_config.get("train_dir") or (None if workdir is None else default_train_dir(workdir))
-        if not train_dir:
-            raise ValueError("config.data.train_dir: required when no workdir is given "
-                             "(the default is <workdir>/../embeddings/train)")
-        if not os.path.isdir(train_dir):
-            raise FileNotFoundError(f"config.data.train_dir: expected a CLIP embedding directory (`dalle2-jax "
-                                    f"embed` or clip-retrieval), {train_dir!r} is not a directory")
+        data_config, train_dir = resolve_train_dir(config, workdir, "configs/prior.py")
         self.config = config
         self.train_dir = os.path.abspath(train_dir)
         self.train_source = embeddings.EmbeddingSource(self.train_dir, captions=False)
