@@ -4,7 +4,6 @@ decoder fine-tuned through the task's loss, and `dalle2-jax train decoder --conf
 configs/decoder.py:karlo` (cut to a tiny UNet) fine-tuning a converted diffusers decoder and
 resuming bit for bit."""
 import functools
-import os
 import shutil
 
 import jax
@@ -12,8 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
+import torch  # the reference; installed by the dev extra
 
 from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel  # noqa: E402

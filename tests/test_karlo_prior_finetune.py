@@ -3,8 +3,6 @@ prior's training from its converted weights; a run stopped at a checkpoint resum
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
 
 import jax  # noqa: E402
 
