@@ -44,16 +44,9 @@ def sampler_schedule(schedule, steps: int, sampler: str):
     """What `sampler` runs on: `schedule` (the training schedule, or what this returned before)
     respaced to `steps` for DDPM/DDIM, the solvers' SolverSchedule of `steps` trailing steps."""
     steps = _positive_int(steps, "steps")
-    if isinstance(schedule, diffusion.SolverSchedule):
-        if sampler not in diffusion.SOLVERS or schedule.num_steps != steps:
-            raise ValueError(f"schedule: a SolverSchedule of {schedule.num_steps} steps does not run "
-                             f"{sampler!r} for {steps} steps")
-        return schedule
-    if sampler in diffusion.SOLVERS:
-        if steps > schedule.num_timesteps:
-            raise ValueError(f"steps: expected at most the schedule's {schedule.num_timesteps} steps, got {steps}")
-        return diffusion.solver_schedule(schedule, steps)
-    return respaced(schedule, steps)
+    if isinstance(schedule, diffusion.DiffusionSchedule) and steps > schedule.num_timesteps:
+        raise ValueError(f"steps: expected at most the schedule's {schedule.num_timesteps} steps, got {steps}")
+    return diffusion.sampler_schedule(schedule, steps, sampler)
 
 
 def _image_size(image_size) -> tuple[int, int]:

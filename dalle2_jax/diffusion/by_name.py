@@ -33,9 +33,15 @@ def check_sampler(sampler) -> str:
     return sampler
 
 
-def sampler_schedule(schedule: DiffusionSchedule, steps: int, sampler: str, spacing: str = "trailing"):
-    """What `sampler` runs on for `steps` steps of the training schedule `schedule` (not respaced)."""
+def sampler_schedule(schedule, steps: int, sampler: str, spacing: str = "trailing"):
+    """What `sampler` runs on for `steps` steps of the training schedule `schedule`; `schedule`
+    itself when it already is that (a SolverSchedule, or a DiffusionSchedule of `steps` steps)."""
     check_sampler(sampler)
+    if isinstance(schedule, SolverSchedule):
+        if sampler not in SOLVERS or schedule.num_steps != steps:
+            raise ValueError(f"schedule: a SolverSchedule of {schedule.num_steps} steps does not run "
+                             f"{sampler!r} for {steps} steps")
+        return schedule
     if sampler in SOLVERS:
         return solver_schedule(schedule, steps, spacing)
     return schedule if schedule.num_timesteps == steps else respace(schedule, steps)

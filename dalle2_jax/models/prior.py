@@ -396,7 +396,7 @@ def sample_image_embeddings(model: DiffusionPrior, params, rng, *, text_embed, t
         raise ValueError(f"num_candidates: expected a positive int, got {num_candidates!r}")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: expected a positive int, got {steps!r}")
-    schedule = _sampler_schedule(schedule, steps, sampler)
+    schedule = diffusion.sampler_schedule(schedule, steps, sampler)
     batch = text_embed.shape[0]
     num_samples = batch * num_candidates
     text = [jnp.repeat(a, num_candidates, axis=0) for a in (text_embed, text_encodings, text_mask)]
@@ -433,18 +433,6 @@ _sample_jitted = jax.jit(sample_image_embeddings,
                          static_argnames=("model", "steps", "sampler", "num_candidates", "eta", "clip_range"))
 
 
-def _sampler_schedule(schedule, steps, sampler):
-    """The schedule `sampler` runs on: built from the training schedule, or already built."""
-    if isinstance(schedule, diffusion.SolverSchedule):
-        if sampler not in diffusion.SOLVERS or schedule.num_steps != steps:
-            raise ValueError(f"schedule: a SolverSchedule of {schedule.num_steps} steps does not run "
-                             f"{sampler!r} for {steps} steps")
-        return schedule
-    if sampler not in diffusion.SOLVERS and schedule.num_timesteps == steps:
-        return schedule
-    return diffusion.sampler_schedule(schedule, steps, sampler)
-
-
 def sample_image_embeddings_jit(model: DiffusionPrior, params, rng, *, schedule: diffusion.DiffusionSchedule,
                                 steps: int = 64, sampler: str = "ddim", **kwargs) -> jax.Array:
     """`sample_image_embeddings` as one compiled program, cached per (model, steps, sampler,
@@ -453,5 +441,5 @@ def sample_image_embeddings_jit(model: DiffusionPrior, params, rng, *, schedule:
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
     if isinstance(steps, int) and steps >= 1:
-        schedule = _sampler_schedule(schedule, steps, sampler)
+        schedule = diffusion.sampler_schedule(schedule, steps, sampler)
     return _sample_jitted(model, params, rng, schedule=schedule, steps=steps, sampler=sampler, **kwargs)
