@@ -132,10 +132,11 @@ def test_noise_measures_are_zero_on_renders_and_track_gaussian_grain(rendered):
     assert max(shapes.fill_noise(e["image"]) for e in examples) == 0.0
     everywhere = np.ones((64, 64), bool)
     for std in (4.0, 10.0, 25.0):
-        # The length of a 3-d Gaussian vector of per-channel std s: median 1.538 s, mean 1.596 s.
+        # The length of a 3-d Gaussian vector of per-channel std s has median 1.538 s; its distance
+        # to the 3x3 median of such vectors has mean 1.514 s (measured on 256x256 noise).
         border = np.median([shapes.border_noise(_grainy(e["image"], rng, std, everywhere)) for e in examples])
         fill = np.median([shapes.fill_noise(_grainy(e["image"], rng, std, everywhere)) for e in examples])
-        np.testing.assert_allclose([border, fill], [1.538 * std, 1.596 * std], rtol=0.12)
+        np.testing.assert_allclose([border, fill], [1.538 * std, 1.514 * std], rtol=0.12)
     with pytest.raises(ValueError, match="image"):
         shapes.border_noise(np.zeros((64, 64), np.uint8))
 
@@ -159,6 +160,12 @@ def test_judge_rejects_a_grainy_background_or_a_speckled_fill(rendered):
         speckled[fill & (rng.random(fill.shape) < 0.15)] = image[0, 0]
         assert shapes.fill_noise(speckled) > shapes.NOISE_LIMIT
         assert shapes.classify_shape_image(speckled) == (None, None)
+        # Smooth shading is not grain: a fill shaded by 40 levels from left to right.
+        cols = np.mgrid[:64, :64][1] / 63.0
+        shaded = np.clip(image + np.where(shape_pixels, 40 * cols - 20, 0)[..., None], 0, 255)
+        shaded = shaded.round().astype(np.uint8)
+        assert shapes.fill_noise(shaded) < 1.0
+        assert shapes.classify_shape_image(shaded) == right
         # max_noise=None is the old judge, which looked through the grain.
         assert shapes.classify_shape_image(_grainy(image, rng, 8.0, background), max_noise=None) == right
 
