@@ -1,25 +1,33 @@
 # `make demo` and `make test` work on a fresh machine with only Python >= 3.11:
-# both create (or reuse) .venv inside the repository and install the project there.
+# both create (or reuse) .venv inside the repository and install the project there;
+# the demo needs only the library's own dependencies, the tests also the dev extra
+# (the PyTorch / diffusers references, gradio, selenium, Jupyter).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BASE_STAMP := $(VENV)/.installed-base
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
 
 .PHONY: demo demo-quick test bench venv clean
 
+$(BASE_STAMP): setup.py constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c constraints.txt -e .
+	touch $(BASE_STAMP)
+
 $(STAMP): setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
-	touch $(STAMP)
+	touch $(BASE_STAMP) $(STAMP)
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+demo: $(BASE_STAMP)
 	$(BIN)/dalle2-jax demo --workdir $(WORKDIR)
 
-demo-quick: $(STAMP)
+demo-quick: $(BASE_STAMP)
 	$(BIN)/dalle2-jax demo --quick --workdir $(WORKDIR)-quick
 
 test: $(STAMP)

@@ -26,6 +26,7 @@ setup(
         "numpy>=2",
         "pillow>=10,<13",  # gradio 6 requires < 13
         "pyarrow>=14",
+        "scipy>=1.12",  # the demo's pixel judge (data/shapes.py)
         "rich>=13",
         "tqdm>=4.66",
     ],

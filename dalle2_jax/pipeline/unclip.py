@@ -208,10 +208,11 @@ class UnCLIPPipeline(StageRuns):
         """Unit-norm CLIP text embeddings (N, D) of a caption or a list of captions."""
         return np.asarray(normalize(self._text(check_prompts(prompts))[0]))
 
-    def upsample(self, images, seed: int = 0, *, upsampler_steps=None) -> np.ndarray:
+    def upsample(self, images, seed: int = 0, *, upsampler_steps=None, sampler=None) -> np.ndarray:
         """The upsamplers alone: uint8 images at the decoder's resolution (arrays, PIL images or
         paths) -> uint8 (N, H, W, 3). With the seed and batch of a `generate` call it upsamples
-        that call's decoder images as `generate` does (from their uint8 rounding)."""
+        that call's decoder images as `generate` does (from their uint8 rounding). sampler: as in
+        `generate` (a name, or a dict with an "upsampler" entry)."""
         seed = check_seed(seed)
         up_steps = self._upsampler_steps(upsampler_steps)
         size = int(self.decoder.module.image_size)
@@ -219,7 +220,7 @@ class UnCLIPPipeline(StageRuns):
         if any(image.shape[:2] != (size, size) for image in images):
             raise ValueError(f"images: expected ({size}, {size}, 3) images, the decoder's resolution, got "
                              f"{sorted({image.shape for image in images})}")
-        return to_uint8(self._upsample(jnp.asarray(to_float(np.stack(images))), seed, up_steps))
+        return to_uint8(self._upsample(jnp.asarray(to_float(np.stack(images))), seed, up_steps, sampler=sampler))
 
     def encode_image(self, images) -> np.ndarray:
         """Unit-norm CLIP image embeddings (N, D) of uint8 images, PIL images or paths."""
