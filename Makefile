@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 $(STAMP): setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,tpu]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", action="store_true",
                    help="try mesh shapes and accumulation steps; print the table and the fastest plan that fits")
     p.add_argument("--json", default=None, help="also write the plan (or the --search result) as JSON here")
+    p.add_argument("--hbm-gib", type=float, default=None,
+                   help="plan against this much HBM per device instead of the chip's (keep a reserve)")
 
     p = command("embed", help="write a CLIP embedding dataset for prior/decoder training")
     p.add_argument("--clip", required=True, help="CLIP training workdir or exported CLIP directory")

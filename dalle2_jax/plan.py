@@ -141,6 +141,9 @@ def topology_devices(topology: Topology) -> list:
     """The abstract TPU devices of `topology` (JAX_PLATFORMS needs no "tpu" for this)."""
     require_libtpu()
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server to ask: not on a TPU VM
+    # Compiling only: never take libtpu's one-process lock (/tmp/libtpu_lockfile), so plans run side
+    # by side with each other and with a training job on a TPU VM.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     with _captured_stderr():
@@ -238,9 +241,10 @@ def _apply_plan_settings(config, batch, mesh, accum) -> None:
 
 def make_plan(stage: str, config_spec: str, topology: str | Topology, *, batch: int | None = None,
               mesh: tuple[int, int] | None = None, accum: int | None = None, overrides: Sequence[str] = (),
-              slices: int = 1, devices: list | None = None) -> dict[str, Any]:
+              slices: int = 1, devices: list | None = None, hbm_gib: float | None = None) -> dict[str, Any]:
     """Compile `stage`'s train step from `config_spec` (+ `overrides`, `batch`, `mesh` (data, fsdp),
-    `accum` micro-batches) for `topology`; returns the plan as a JSON-able dict (`fits` False with a
+    `accum` micro-batches) for `topology` (`hbm_gib`: plan against this much HBM per device instead of
+    the chip's, to keep a reserve); returns the plan as a JSON-able dict (`fits` False with a
     `message` when it does not fit). Raises PlanError/ValueError for arguments it cannot plan."""
     import jax
 
@@ -267,6 +271,11 @@ def make_plan(stage: str, config_spec: str, topology: str | Topology, *, batch: 
                              batch_spec, batch_shardings)
     generation = topo.generation
     hbm = generation.hbm_gib * GIB / generation.devices_per_chip
+    if hbm_gib is not None:
+        if not 0 < hbm_gib <= hbm / GIB:
+            raise PlanError(f"--hbm-gib: expected a size in (0, {hbm / GIB:g}] GiB (a {generation.name} device's "
+                            f"HBM), got {hbm_gib!r}")
+        hbm = hbm_gib * GIB
     peak_flops = generation.peak_tflops * 1e12 / generation.devices_per_chip
     num_devices = len(devices)
     params = int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state.params)))
@@ -347,13 +356,14 @@ def _powers_of_two_dividing(n: int) -> list[int]:
 
 
 def search(stage: str, config_spec: str, topology: str | Topology, *, batch: int | None = None,
-           overrides: Sequence[str] = (), slices: int = 1, max_accum: int = 64,
+           overrides: Sequence[str] = (), slices: int = 1, max_accum: int = 64, hbm_gib: float | None = None,
            progress=None) -> dict[str, Any]:
     """Plans over mesh shapes (data x fsdp, fsdp a power of two) and gradient accumulation steps;
     {"plans": [...tried], "best": the fastest plan that fits, or None}. Fastest: the fewest FLOPs per
     device (step time at peak, to 1%), then the smaller fsdp and fewer micro-batches, which
     communicate less and keep the matrix units busier. Walks fsdp upwards, at each trying fewer
-    micro-batches than the best so far, and stops at the first plan that fits without accumulating."""
+    micro-batches than the best so far, and stops at the first plan that fits without accumulating
+    (or once the state, which fsdp shrinks, is under 5% of HBM)."""
     from dalle2_jax import config_util
 
     topo = topology if isinstance(topology, Topology) else parse_topology(topology, slices)
@@ -367,7 +377,7 @@ def search(stage: str, config_spec: str, topology: str | Topology, *, batch: int
             if best is not None and accum >= best["grad_accum_steps"]:
                 break
             plan = make_plan(stage, config_spec, topo, batch=batch_size, mesh=(-1, fsdp), accum=accum,
-                             overrides=overrides, devices=devices)
+                             overrides=overrides, devices=devices, hbm_gib=hbm_gib)
             plans.append(plan)
             if progress is not None:
                 progress(plan)
@@ -380,6 +390,9 @@ def search(stage: str, config_spec: str, topology: str | Topology, *, batch: int
             accum *= 2
         if best is not None and best["grad_accum_steps"] == 1:
             break
+        state = plans[-1]["bytes_per_device"]
+        if state["params"] + state["ema_params"] + state["opt_state"] < 0.05 * plans[-1]["hbm_bytes_per_device"]:
+            break  # more fsdp shrinks only the state, and it is under 5% of HBM: nothing to gain
     return {"plans": plans, "best": best}
 
 
@@ -453,7 +466,7 @@ def run_plan(args, overrides: Sequence[str]) -> int:
         if mesh is not None or args.accum is not None:
             raise PlanError("--search: tries the mesh shapes and accumulation steps itself; drop --mesh and --accum")
         result = search(args.stage, args.config, args.topology, batch=args.batch, overrides=overrides,
-                        slices=args.slices, progress=lambda p: print(
+                        slices=args.slices, hbm_gib=args.hbm_gib, progress=lambda p: print(
                             f"  tried data={p['mesh']['data']} fsdp={p['mesh']['fsdp']} accum={p['grad_accum_steps']}: "
                             f"{'fits' if p['fits'] else 'does not fit'} ({p['compile_seconds']:.1f} s)", flush=True))
         print(format_search(result))
@@ -462,7 +475,7 @@ def run_plan(args, overrides: Sequence[str]) -> int:
         payload, fits = result, result["best"] is not None
     else:
         payload = make_plan(args.stage, args.config, args.topology, batch=args.batch, mesh=mesh, accum=args.accum,
-                            overrides=overrides, slices=args.slices)
+                            overrides=overrides, slices=args.slices, hbm_gib=args.hbm_gib)
         print(format_plan(payload))
         fits = payload["fits"]
     if args.json:
