@@ -152,3 +152,19 @@ def test_search_prints_the_table_and_picks_the_fastest_plan_that_fits(tmp_path, 
     assert all(p["step_seconds_at_peak"] >= 0.99 * best["step_seconds_at_peak"] for p in fitting)
     assert "fsdp accum" in " ".join(out.split()) and \
         f"fastest plan that fits: data={best['mesh']['data']} x fsdp={best['mesh']['fsdp']}" in out
+
+
+@pytest.mark.parametrize("name, slices, fsdp, shape", [
+    ("v4:4x4x4", 1, 8, {"data": 8, "fsdp": 8}),  # 8 is no product of the 4x4x4 torus axes: split one
+    ("v5p:8x8x8", 1, 16, {"data": 32, "fsdp": 16}),
+    ("v5e:2x2", 2, 2, {"data": 4, "fsdp": 2}),  # two slices: data spans them, fsdp stays in one
+])
+def test_sharding_makes_meshes_of_pod_topologies(name, slices, fsdp, shape):
+    from dalle2_jax import sharding
+
+    devices = plan.topology_devices(plan.parse_topology(name, slices))
+    mesh = sharding.make_mesh(-1, fsdp, devices)
+    assert dict(mesh.shape) == shape
+    if slices > 1:
+        for row in mesh.devices:  # each fsdp group inside one slice
+            assert len({d.slice_index for d in row}) == 1
