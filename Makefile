@@ -1,7 +1,8 @@
 # `make demo` and `make test` work on a fresh machine with only Python >= 3.11:
 # both create (or reuse) .venv inside the repository and install the project there;
 # the demo needs only the library's own dependencies, the tests also the dev extra
-# (the PyTorch / diffusers references, gradio, selenium, Jupyter).
+# (the PyTorch / diffusers references, gradio, selenium, Jupyter) and the tpu extra
+# (libtpu, the TPU compiler that `dalle2-jax plan` and its tests use on a CPU host).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -19,7 +20,7 @@ $(BASE_STAMP): setup.py constraints.txt
 
 $(STAMP): setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,tpu]"
 	touch $(BASE_STAMP) $(STAMP)
 
 venv: $(STAMP)

@@ -44,6 +44,8 @@ setup(
             "ipykernel>=6.29",
         ],
         "serve": ["gradio>=6.31,<7"],  # `dalle2-jax serve`, the web UI
+        # `dalle2-jax plan`: libtpu's compiler, which compiles for a TPU topology on a CPU host.
+        "tpu": ["jax[tpu]>=0.10,<0.11"],
     },
     entry_points={"console_scripts": ["dalle2-jax=dalle2_jax.cli:main"]},
 )

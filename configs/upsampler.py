@@ -177,7 +177,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         model.update(image_size=256, channels=(320, 640, 960, 1280), num_res_blocks=3, num_groups=32,
                      scale_shift_norm=False, remat="block")
         # diffusers' UnCLIPPipeline: 7 super-resolution steps
-        diffusion.update(sampler="ddpm", sampling_steps=7, objective="eps", snr_gamma=0.0)
+        diffusion.update(sampler="ddpm", sampling_steps=7, objective="eps", snr_gamma=0.0, residual=False)
         config.compute_dtype = "bfloat16"
         config.total_steps = 10_000
         config.batch_size = 64

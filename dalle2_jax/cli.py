@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 STAGES = ("clip", "prior", "ar_prior", "decoder", "upsampler")
@@ -62,6 +63,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stage", choices=STAGES)
     p.add_argument("--config", required=True, help="configs/FILE.py[:variant]")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard logs and samples")
+
+    p = command("plan", help="compile a stage's train step for a TPU pod topology here: memory, FLOPs, fits or not",
+                description="Compiles the train step of `dalle2-jax train` for a TPU topology with libtpu on this "
+                            "host (the tpu extra) and reports bytes per device, FLOPs per step and the step time "
+                            "at the chip's peak. Exit status 1 when it does not fit. Extra `--config.KEY=VALUE` "
+                            "arguments override config fields.")
+    p.add_argument("--stage", required=True, choices=("clip", "prior", "decoder", "upsampler"))
+    p.add_argument("--config", required=True, help="configs/FILE.py[:variant]")
+    p.add_argument("--topology", required=True,
+                   help="GENERATION:SHAPE: v4:4x4x4, v5e:16x16, v5p:8x8x8 (v5:8x8x8), v6e:16x16, tpu7x:2x2x2")
+    p.add_argument("--slices", type=int, default=1, help="number of such slices joined over the data-centre network")
+    p.add_argument("--batch", type=int, default=None, help="global batch (default: the config's batch_size)")
+    p.add_argument("--mesh", default=None, help="data=N,fsdp=M (-1: the rest; default: the config's mesh)")
+    p.add_argument("--accum", type=int, default=None,
+                   help="gradient accumulation steps (default: the config's optimizer.grad_accum_steps)")
+    p.add_argument("--search", action="store_true",
+                   help="try mesh shapes and accumulation steps; print the table and the fastest plan that fits")
+    p.add_argument("--json", default=None, help="also write the plan (or the --search result) as JSON here")
+    p.add_argument("--hbm-gib", type=float, default=None,
+                   help="plan against this much HBM per device instead of the chip's (keep a reserve)")
 
     p = command("embed", help="write a CLIP embedding dataset for prior/decoder training")
     p.add_argument("--clip", required=True, help="CLIP training workdir or exported CLIP directory")
@@ -202,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "train":
+    if extra and args.command not in ("train", "plan"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.debug:
         return _run_command(parser, args, extra)
@@ -228,10 +249,17 @@ def _run_command(parser: argparse.ArgumentParser, args: argparse.Namespace, extr
             parser.error(str(error))
     if args.command == "checkpoints":
         return run_checkpoints(args.workdir, args.verify)
-    if args.command == "train":
+    if args.command in ("train", "plan"):
         bad = [a for a in extra if not a.startswith("--config.")]
         if bad:
             parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like --config.KEY=VALUE)")
+    if args.command == "plan":
+        # The CPU backend for everything but the TPU compiler, also on a TPU VM (whose chips may be busy).
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        from dalle2_jax.plan import run_plan
+
+        return run_plan(args, extra)
+    if args.command == "train":
         from dalle2_jax.training.entry import run_train
 
         run_train(args.stage, args.config, args.workdir, extra)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -50,8 +50,20 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
         data, fsdp = (n // known, fsdp) if data == -1 else (data, n // known)
     if data * fsdp != n:
         raise ValueError(f"mesh: data={data} x fsdp={fsdp} must equal the {n} devices given")
-    return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto,) * 2,
-                         devices=devices)
+    axis_types = (AxisType.Auto,) * 2
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:  # several TPU slices: "data" spans them over the data-centre network, fsdp stays inside one
+        if data % slices:
+            raise ValueError(f"mesh: data={data} must be a multiple of the {slices} slices")
+        device_grid = mesh_utils.create_hybrid_device_mesh((data // slices, fsdp), (slices, 1), devices)
+        return Mesh(device_grid, BATCH_AXES, axis_types=axis_types)
+    try:
+        return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=axis_types, devices=devices)
+    except NotImplementedError:
+        # A TPU torus whose axes do not factor into the mesh's (fsdp=8 on a 4x4x4 v4 slice): split
+        # physical axes, as jax.make_mesh itself does on v5e.
+        device_grid = mesh_utils.create_device_mesh((data, fsdp), devices, allow_split_physical_axes=True)
+        return Mesh(device_grid, BATCH_AXES, axis_types=axis_types)
 
 
 def param_spec(shape: Sequence[int], fsdp_size: int, min_fsdp_size: int = DEFAULT_MIN_FSDP_SIZE) -> P:

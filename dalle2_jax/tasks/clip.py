@@ -179,13 +179,14 @@ def _round_up(value: int, multiple: int) -> int:
 class CLIPTask:
     """`training.task.Task` of the CLIP stage; see the module docstring."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None):
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None, *,
+                 planning: bool = False):
         data_config = config.get("data")
         if data_config is None:
             raise ValueError("config.data: required (see configs/clip.py)")
         if data_config.get("name", "shapes") not in DATA_NAMES:
             raise ValueError(f"config.data.name: expected one of {DATA_NAMES}, got {data_config.name!r}")
-        if not data_config.get("data_dir") and workdir is None:
+        if not planning and not data_config.get("data_dir") and workdir is None:
             raise ValueError("config.data.data_dir: required when no workdir is given "
                              "(the default is <workdir>/../data)")
         self.config = config
@@ -228,6 +229,13 @@ class CLIPTask:
             check_tokenizer(tokenizer, self.model)
             self._tokenizer = tokenizer
         return self._tokenizer
+
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """The global batches `train_iterator` yields (the keys of TRAIN_KEYS)."""
+        size, length = int(self.config.data.image_size), self.model.context_length
+        return {"image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
+                "input_ids": jax.ShapeDtypeStruct((batch_size, length), jnp.int32),
+                "attention_mask": jax.ShapeDtypeStruct((batch_size, length), jnp.int32)}
 
     def init_params(self, rng, batch):
         pixels = clip_pixels(self.model, batch["image"])
@@ -324,8 +332,11 @@ class CLIPTask:
         return counts
 
 
-def make_task(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None) -> CLIPTask:
-    return CLIPTask(config, workdir)
+def make_task(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None, *,
+              planning: bool = False) -> CLIPTask:
+    """planning=True: from the config alone (no data read), for `batch_spec`, `init_params` and `loss`
+    (what `dalle2-jax plan` compiles)."""
+    return CLIPTask(config, workdir, planning=planning)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,13 +62,13 @@ def default_stage_dir(workdir: str | os.PathLike, stage: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(os.fspath(workdir))), stage)
 
 
-def check_data_config(config: ml_collections.ConfigDict, workdir) -> None:
+def check_data_config(config: ml_collections.ConfigDict, workdir, *, planning: bool = False) -> None:
     data_config = config.get("data")
     if data_config is None:
         raise ValueError("config.data: required (name, data_dir, image_size, ...; see configs/decoder.py)")
     if data_config.get("name", "shapes") not in clip_stage.DATA_NAMES:
         raise ValueError(f"config.data.name: expected one of {clip_stage.DATA_NAMES}, got {data_config.name!r}")
-    if not data_config.get("data_dir") and workdir is None:
+    if not planning and not data_config.get("data_dir") and workdir is None:
         raise ValueError("config.data.data_dir: required when no workdir is given (the default is <workdir>/../data)")
 
 
@@ -308,12 +308,28 @@ class StoredBatches(pipeline.BatchView):
 class DecoderTask:
     """`training.task.Task` of the decoder stage; see the module docstring."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None):
-        check_data_config(config, workdir)
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None, *,
+                 planning: bool = False):
+        check_data_config(config, workdir, planning=planning)
         self.config = config
         self.workdir = None if workdir is None else os.fspath(workdir)
         self._builder = None
         self._eval_conditions = None
+        self.unet = UNet(**config.model)
+        if not (self.unet.use_image_embed or self.unet.use_text_encodings):
+            raise ValueError("config.model: a decoder needs use_image_embed and/or use_text_encodings")
+        if self.unet.use_low_res:
+            raise ValueError("config.model.use_low_res: expected False for the decoder (that is an upsampler)")
+        self.image_size = int(self.unet.image_size)
+        unit_norm = config.get("unit_norm_embeddings", True)
+        if not isinstance(unit_norm, bool):
+            raise ValueError(f"config.unit_norm_embeddings: expected a bool, got {unit_norm!r}")
+        self._init_diffusion(config)
+        if planning:  # the conditioning shapes as config.conditioning gives them; no CLIP, no data
+            self.clip_dir, self.clip, self.embeddings_dir = None, None, None
+            self.load_size = int(config.data.get("image_size", 0)) or self.image_size
+            return
+
         clip_dir = config.get("clip_dir") or (None if workdir is None else default_stage_dir(workdir, "clip"))
         if not clip_dir:
             raise ValueError("config.clip_dir: required when no workdir is given (the default is <workdir>/../clip)")
@@ -321,17 +337,7 @@ class DecoderTask:
             raise FileNotFoundError(f"config.clip_dir: expected a CLIP training workdir or transformers CLIP "
                                     f"directory, {clip_dir!r} is not a directory")
         self.clip_dir = os.path.abspath(clip_dir)
-        self.unet = UNet(**config.model)
-        if not (self.unet.use_image_embed or self.unet.use_text_encodings):
-            raise ValueError("config.model: a decoder needs use_image_embed and/or use_text_encodings")
-        if self.unet.use_low_res:
-            raise ValueError("config.model.use_low_res: expected False for the decoder (that is an upsampler)")
-        self.image_size = int(self.unet.image_size)
-
         clip_model, clip_variables, self.tokenizer, clip_config = clip_stage.load_clip(self.clip_dir)
-        unit_norm = config.get("unit_norm_embeddings", True)
-        if not isinstance(unit_norm, bool):
-            raise ValueError(f"config.unit_norm_embeddings: expected a bool, got {unit_norm!r}")
         self.clip = ClipEncoder(clip_model, clip_variables, self.image_size, unit_norm=unit_norm,
                                 with_text_embed=self.unet.use_text_embed)
         # The conditioning shapes are the CLIP's; recorded so that config.json tells them.
@@ -369,6 +375,7 @@ class DecoderTask:
             config.model.image_embed_mean, config.model.image_embed_std = tuple(float(m) for m in mean), std
             self.unet = UNet(**config.model)
 
+    def _init_diffusion(self, config) -> None:
         diffusion_config = config.diffusion
         self.schedule = diffusion.make_schedule(diffusion_config.schedule, int(diffusion_config.num_timesteps))
         self.objective = diffusion_config.get("objective", "eps")
@@ -376,6 +383,18 @@ class DecoderTask:
                                                  "config.diffusion.drop_image_prob")
         self.drop_text_prob = check_probability(diffusion_config.get("drop_text_prob", 0.5),
                                                 "config.diffusion.drop_text_prob")
+
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """The global batches `train_iterator` yields: the decoder-size image and the CLIP
+        conditioning of `config.conditioning`'s shapes (the keys of `clip_conditioning`)."""
+        shapes_ = self.config.conditioning
+        dim, length = int(shapes_.image_embed_dim), int(shapes_.text_len)
+        spec = {"image": ((self.image_size, self.image_size, 3), jnp.float32), "image_embed": ((dim,), jnp.float32),
+                "text_encodings": ((length, int(shapes_.text_width)), jnp.float32),
+                "text_mask": ((length,), jnp.bool_)}
+        if self.unet.use_text_embed:
+            spec["text_embed"] = ((dim,), jnp.float32)
+        return {key: jax.ShapeDtypeStruct((batch_size, *shape), dtype) for key, (shape, dtype) in spec.items()}
 
     @property
     def data_dir(self) -> str:
@@ -575,5 +594,7 @@ def judge_samples(samples_uint8: np.ndarray, colours: Sequence[str], shape_names
     return metrics
 
 
-def make_task(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None) -> DecoderTask:
-    return DecoderTask(config, workdir)
+def make_task(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None, *,
+              planning: bool = False) -> DecoderTask:
+    """planning=True: from the config alone (no CLIP, no data), for `dalle2-jax plan`."""
+    return DecoderTask(config, workdir, planning=planning)

@@ -137,14 +137,21 @@ def resolve_train_dir(config, workdir, config_file: str) -> tuple[Any, str]:
 class PriorTask:
     """`training.task.Task` of the prior stage; see the module docstring."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None):
-        data_config, train_dir = resolve_train_dir(config, workdir, "configs/prior.py")
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None, *,
+                 planning: bool = False):
         self.config = config
-        self.train_dir = os.path.abspath(train_dir)
-        self.train_source = embeddings.EmbeddingSource(self.train_dir, captions=False)
-        sizes = _dataset_sizes(self.train_source, "config.data.train_dir")
+        if planning:  # sizes from config.model, token encodings stored: no data read
+            data_config = config.get("data") or ml_collections.ConfigDict()
+            self.train_dir = self.train_source = None
+            sizes = planning_sizes(config)
+        else:
+            data_config, train_dir = resolve_train_dir(config, workdir, "configs/prior.py")
+            self.train_dir = os.path.abspath(train_dir)
+            self.train_source = embeddings.EmbeddingSource(self.train_dir, captions=False)
+            sizes = _dataset_sizes(self.train_source, "config.data.train_dir")
         self.use_text_encodings = self._resolve_text_encodings(data_config, sizes)
         self.text_len = self._resolve_text_len(data_config, sizes)
+        self.stored_text_len = sizes["text_len"]
         self._fill_model_sizes(config.model, sizes)
         self.model = prior_lib.DiffusionPrior(**config.model)
 
@@ -158,19 +165,24 @@ class PriorTask:
         self.null_text = None
         if not self.model.learned_null_text:
             # Karlo's prior: a dropped caption is the empty caption "", as the directory's CLIP encodes it.
-            if not config.get("init_from"):
+            if not config.get("init_from") and not planning:
                 raise ValueError("config.init_from: a prior without learned null text (model.learned_null_text="
                                  "False) trains against the empty caption, which the CLIP of the pipeline it starts "
                                  "from encodes; set init_from to that pipeline or diffusers directory")
-            from dalle2_jax.training.init_from import empty_caption_text
+            if planning:  # the empty caption's shapes; its values do not change the compiled step
+                embed = np.zeros((self.model.embed_dim,), np.float32)
+                encodings = np.zeros((sizes["text_len"], self.model.text_encoding_dim), np.float32)
+                mask = np.zeros((sizes["text_len"],), bool)
+            else:
+                from dalle2_jax.training.init_from import empty_caption_text
 
-            embed, encodings, mask = empty_caption_text(config.init_from)
+                embed, encodings, mask = empty_caption_text(config.init_from)
             if not self.use_text_encodings:
                 encodings, mask = np.zeros((1, self.model.text_encoding_dim), np.float32), np.zeros((1,), bool)
             elif self.text_len is not None:
                 encodings, mask = encodings[:self.text_len], mask[:self.text_len]
             self.null_text = (embed, encodings, mask)
-        self.eval_dirs = self._resolve_eval_dirs(data_config.get("eval_dirs") or {})
+        self.eval_dirs = {} if planning else self._resolve_eval_dirs(data_config.get("eval_dirs") or {})
         self._eval_rows: dict[str, dict[str, np.ndarray]] = {}
         self._sample_fns: dict[Any, Any] = {}
 
@@ -243,6 +255,17 @@ class PriorTask:
             return batch["text_encodings"], batch["text_mask"]
         size = batch["text_embed"].shape[0]
         return (jnp.zeros((size, 1, self.model.text_encoding_dim), jnp.float32), jnp.zeros((size, 1), bool))
+
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """The global batches `train_iterator` yields."""
+        dim = self.model.embed_dim
+        spec = {key: jax.ShapeDtypeStruct((batch_size, dim), jnp.float32) for key in EMBED_KEYS}
+        if self.use_text_encodings:
+            length = self.text_len or self.stored_text_len
+            spec["text_encodings"] = jax.ShapeDtypeStruct((batch_size, length, self.model.text_encoding_dim),
+                                                          jnp.float32)
+            spec["text_mask"] = jax.ShapeDtypeStruct((batch_size, length), jnp.bool_)
+        return spec
 
     def init_params(self, rng, batch):
         first = jax.tree.map(lambda x: x[:1], batch)  # the parameters do not depend on the batch size
@@ -355,5 +378,19 @@ class PriorTask:
         return metrics
 
 
-def make_task(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None) -> PriorTask:
-    return PriorTask(config, workdir)
+def planning_sizes(config) -> dict[str, int]:
+    """The training set's sizes as `config.model` states them (what `dalle2-jax plan` builds from):
+    stored token encodings of max_text_len x text_encoding_dim."""
+    model = config.model
+    missing = [key for key in ("embed_dim", "text_encoding_dim", "max_text_len") if model.get(key) is None]
+    if missing:
+        raise ValueError(f"config.model.{missing[0]}: None (read from the training data); planning needs "
+                         f"it set, e.g. --config.model.{missing[0]}=1024")
+    return {"embed_dim": int(model.embed_dim), "text_len": int(model.max_text_len),
+            "text_width": int(model.text_encoding_dim)}
+
+
+def make_task(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None, *,
+              planning: bool = False) -> PriorTask:
+    """planning=True: from the config alone (no data read), for `dalle2-jax plan`."""
+    return PriorTask(config, workdir, planning=planning)

@@ -87,8 +87,9 @@ def aligned_crops(rng: jax.Array, arrays, crop_size: int, grid: int):
 class UpsamplerTask:
     """`training.task.Task` of an upsampler stage; see the module docstring."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None):
-        decoder_stage.check_data_config(config, workdir)
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None, *,
+                 planning: bool = False):
+        decoder_stage.check_data_config(config, workdir, planning=planning)
         self.config = config
         self.workdir = None if workdir is None else os.fspath(workdir)
         self.unet = UNet(**config.model)
@@ -183,6 +184,10 @@ class UpsamplerTask:
         noised = diffusion.q_sample(self.schedule, low_up, level, jax.random.normal(noise_key, low_up.shape))
         return {"low_res": noised, "noise_level": level}
 
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """The global batches `train_iterator` yields: full-size images."""
+        return {"image": jax.ShapeDtypeStruct((batch_size, self.load_size, self.load_size, 3), jnp.float32)}
+
     def init_params(self, rng, batch):
         size = self.crop_size
         x = jnp.zeros((1, size, size, self.unet.out_channels), jnp.float32)
@@ -265,5 +270,7 @@ class UpsamplerTask:
                 "bicubic_psnr": float(np.mean(psnr(np.clip(np.asarray(bicubic), -1, 1), truth)))}
 
 
-def make_task(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None) -> UpsamplerTask:
-    return UpsamplerTask(config, workdir)
+def make_task(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None, *,
+              planning: bool = False) -> UpsamplerTask:
+    """planning=True: from the config alone (no data read), for `dalle2-jax plan`."""
+    return UpsamplerTask(config, workdir, planning=planning)

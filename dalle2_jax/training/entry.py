@@ -28,9 +28,11 @@ def known_stages() -> list[str]:
     return sorted(found)
 
 
-def make_task(stage: str, config, workdir: str | None = None):
+def make_task(stage: str, config, workdir: str | None = None, *, planning: bool = False):
     """`dalle2_jax.tasks.<stage>.make_task(config[, workdir=workdir])`: `workdir` goes to
-    tasks whose make_task takes it (to keep files such as a trained tokenizer there)."""
+    tasks whose make_task takes it (to keep files such as a trained tokenizer there).
+    planning=True builds the task from the config alone, without its data (`dalle2-jax plan`),
+    for the stages whose make_task offers it."""
     stages = known_stages()
     if not isinstance(stage, str) or not stage.isidentifier() or stage not in stages:
         raise ValueError(f"stage: expected one of {stages}, got {stage!r}")
@@ -43,6 +45,11 @@ def make_task(stage: str, config, workdir: str | None = None):
         raise ValueError(f"stage: {stage!r} has no task module {module_name} (known stages: {stages})") from None
     if not hasattr(module, "make_task"):
         raise ValueError(f"stage: {module_name} defines no make_task(config)")
+    if planning:
+        if "planning" not in inspect.signature(module.make_task).parameters:
+            raise ValueError(f"stage: {stage!r} cannot be planned yet ({module_name}.make_task takes no "
+                             "planning=True)")
+        return module.make_task(config, planning=True)
     if workdir is not None and "workdir" in inspect.signature(module.make_task).parameters:
         return module.make_task(config, workdir=workdir)
     return module.make_task(config)

@@ -97,6 +97,52 @@ def make_train_step(task, tx: optax.GradientTransformation, config, state_shardi
                    out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
+def mesh_from_config(config, devices=None) -> Mesh:
+    """The ("data", "fsdp") mesh of `config.mesh` over `devices` (default: every device)."""
+    mesh_config = _get(config, "mesh", {})
+    return sharding.make_mesh(_get(mesh_config, "data", -1), _get(mesh_config, "fsdp", 1), devices)
+
+
+def check_batch_size(config, mesh: Mesh, process_count: int) -> int:
+    """config.batch_size, checked to split evenly over the mesh, the micro-batches and the processes."""
+    batch_size = _positive_int(config, "batch_size")
+    num_micro = _positive_int(config.optimizer, "grad_accum_steps", 1)
+    if batch_size % (mesh.devices.size * num_micro) or batch_size % process_count:
+        raise ValueError(f"config.batch_size: {batch_size} must be divisible by {mesh.devices.size} devices "
+                         f"x {num_micro} grad_accum_steps (and by {process_count} processes)")
+    return batch_size
+
+
+def prepare_step(task, config, batch_spec: Any, mesh: Mesh, *, materialize: bool = True):
+    """(state, state_shardings, batch_shardings, train_step): everything `train` runs, and what
+    `dalle2-jax plan` compiles for a TPU topology (materialize=False: the state as sharded
+    ShapeDtypeStructs, nothing allocated)."""
+    if _get(config, "optimizer", None) is None:
+        raise ValueError("config.optimizer: required (learning_rate, warmup_steps, schedule, ...), not set")
+    total_steps = _positive_int(config, "total_steps")
+    seed = _positive_int(config, "seed", 0, allow_zero=True)
+    min_fsdp_size = int(_get(_get(config, "mesh", {}), "min_fsdp_size", sharding.DEFAULT_MIN_FSDP_SIZE))
+    batch_shardings = jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch_spec)
+    tx = optim.make_optimizer(config.optimizer, total_steps)
+    state, state_shardings = create_train_state(task, tx, batch_spec, mesh, seed=seed, min_fsdp_size=min_fsdp_size,
+                                                materialize=materialize)
+    train_step = make_train_step(task, tx, config, state_shardings, batch_shardings, mesh)
+    return state, state_shardings, batch_shardings, train_step
+
+
+def _check_batch_spec(task, batch_spec) -> None:
+    """A task's declared `batch_spec` (what `dalle2-jax plan` compiles with) must be what its
+    iterator yields."""
+    declared_fn = getattr(task, "batch_spec", None)
+    if declared_fn is None:
+        return
+    batch = jax.tree.leaves(batch_spec)[0].shape[0]
+    declared = jax.tree.map(lambda s: (tuple(s.shape), np.dtype(s.dtype)), declared_fn(batch))
+    found = jax.tree.map(lambda s: (tuple(s.shape), np.dtype(s.dtype)), batch_spec)
+    if declared != found:
+        raise ValueError(f"task.batch_spec: declares {declared}, but train_iterator yields {found}")
+
+
 def _batch_spec(iterator, process_count: int):
     """Global batch shapes from a peek at the first batch; the iterator is rewound."""
     # grain's Orbax handler serialises exactly these two types (a DatasetIterator's state as JSON).
@@ -176,7 +222,6 @@ def train(task, config, workdir: str, *, mesh: Mesh | None = None) -> TrainState
     saving). A failed save raises checkpoint.CheckpointSaveError."""
     workdir = Path(workdir)
     total_steps = _positive_int(config, "total_steps")
-    batch_size = _positive_int(config, "batch_size")
     seed = _positive_int(config, "seed", 0, allow_zero=True)
     log_every = _positive_int(config, "log_every", 50)
     eval_every = _positive_int(config, "eval_every", 0, allow_zero=True)
@@ -184,27 +229,20 @@ def train(task, config, workdir: str, *, mesh: Mesh | None = None) -> TrainState
     keep_checkpoints = _positive_int(config, "keep_checkpoints", 3)
     if _get(config, "optimizer", None) is None:
         raise ValueError("config.optimizer: required (learning_rate, warmup_steps, schedule, ...), not set")
-    num_micro = _positive_int(config.optimizer, "grad_accum_steps", 1)
-    mesh_config = _get(config, "mesh", {})
     if mesh is None:
-        mesh = sharding.make_mesh(_get(mesh_config, "data", -1), _get(mesh_config, "fsdp", 1))
-    min_fsdp_size = int(_get(mesh_config, "min_fsdp_size", sharding.DEFAULT_MIN_FSDP_SIZE))
+        mesh = mesh_from_config(config)
     process_count = jax.process_count()
-    if batch_size % (mesh.devices.size * num_micro) or batch_size % process_count:
-        raise ValueError(f"config.batch_size: {batch_size} must be divisible by {mesh.devices.size} devices "
-                         f"x {num_micro} grad_accum_steps (and by {process_count} processes)")
+    batch_size = check_batch_size(config, mesh, process_count)
 
     workdir.mkdir(parents=True, exist_ok=True)
     _write_config(config, workdir)
     iterator = task.train_iterator(seed=seed, process_index=jax.process_index(),
                                    process_count=process_count, per_process_batch=batch_size // process_count)
     batch_spec = _batch_spec(iterator, process_count)
-    batch_shardings = jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch_spec)
-    tx = optim.make_optimizer(config.optimizer, total_steps)
+    _check_batch_spec(task, batch_spec)
     ckpt = checkpoint.Checkpointer(workdir / checkpoint.CHECKPOINTS_SUBDIR, keep=keep_checkpoints)
     resuming = ckpt.latest_step() is not None
-    state, state_shardings = create_train_state(task, tx, batch_spec, mesh, seed=seed, min_fsdp_size=min_fsdp_size,
-                                                materialize=not resuming)
+    state, state_shardings, _, train_step = prepare_step(task, config, batch_spec, mesh, materialize=not resuming)
     resume_step = None
     if resuming:  # the newest checkpoint that reads back completely; newer damaged ones are set aside
         try:
@@ -217,7 +255,6 @@ def train(task, config, workdir: str, *, mesh: Mesh | None = None) -> TrainState
         state = _init_from(task, state, state_shardings, config.init_from)
     step = int(jax.device_get(state.step))
     last_saved = resume_step
-    train_step = make_train_step(task, tx, config, state_shardings, batch_shardings, mesh)
     evaluate = getattr(task, "evaluate", None) if eval_every else None
     writer = metrics_lib.MetricsWriter(workdir, total_steps=total_steps, start_step=step,
                                        progress_bar=bool(_get(config, "progress_bar", True)))
