@@ -81,7 +81,9 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def reference_role(directory: Path, size: str, dtype: str, seed: int) -> dict[str, Any]:
+def build_reference(directory: Path, size: str, seed: int):
+    """diffusers' UnCLIPPipeline with Karlo's shapes (`size`) and seeded random weights, written to
+    `directory` with save_pretrained: (the pipeline, seconds to build and write it)."""
     import torch
     import transformers
     from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel, UnCLIPPipeline, UnCLIPScheduler
@@ -103,10 +105,15 @@ def reference_role(directory: Path, size: str, dtype: str, seed: int) -> dict[st
             prior_scheduler=UnCLIPScheduler(prediction_type="sample", clip_sample_range=5.0),
             decoder_scheduler=UnCLIPScheduler(variance_type="learned_range"),
             super_res_scheduler=UnCLIPScheduler())
-        with torch.no_grad():  # PriorTransformer's clip_std is zero-initialised: give it CLIP-like statistics
-            pipe.prior.clip_std.fill_(0.5)
+        pipe.prior.clip_std.fill_(0.5)  # zero-initialised in PriorTransformer: give it CLIP-like statistics
         pipe.save_pretrained(directory)
-    build_s = time.perf_counter() - start
+    return pipe, time.perf_counter() - start
+
+
+def reference_role(directory: Path, size: str, dtype: str, seed: int) -> dict[str, Any]:
+    import torch
+
+    pipe, build_s = build_reference(directory, size, seed)
     if dtype == "bfloat16":
         pipe = pipe.to(torch_dtype=torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
