@@ -82,6 +82,7 @@ class ARPriorTask(prior_task.PriorTask):
         sizes = prior_task._dataset_sizes(self.train_source, "config.data.train_dir")
         self.use_text_encodings = self._resolve_text_encodings(data_config, sizes)
         self.text_len = self._resolve_text_len(data_config, sizes)
+        self.stored_text_len = sizes["text_len"]
         self._fill_model_sizes(config.model, sizes)
         try:
             self.model = ar_prior_lib.ARPrior(**config.model)
@@ -119,6 +120,14 @@ class ARPriorTask(prior_task.PriorTask):
         return self.quantizer.as_variables()
 
     # -- training -----------------------------------------------------------------------------
+
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """The global batches `train_iterator` yields: the diffusion prior's, plus the quantizer's
+        tokens of each image embedding and the bucket of its dot product with the caption's."""
+        spec = super().batch_spec(batch_size)
+        spec["image_tokens"] = jax.ShapeDtypeStruct((batch_size, self.quantizer.num_components), jnp.int32)
+        spec["dot_token"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+        return spec
 
     def init_params(self, rng, batch):
         first = jax.tree.map(lambda x: x[:1], batch)
