@@ -67,7 +67,7 @@ TRAINING = {
 # a purple circle and square: 0.99 after 600 steps, 0.96 after 1200) and guidance 4 overshoots:
 # with the 900-step CLIP colour was judged right 82% and shape 69% at 4 (seeds 100-300), 97% and
 # 83% at 2 (eight seeds, 0-700); at 1 (seed 100) the unseen pairs fell to 38% both right. The
-# decoder samples with its config's 12 steps of DDIM eta 1, the upsampler with 8 (DDIM eta 0).
+# decoder samples with its config's 12 steps of DDIM eta 1, the upsampler with 4 (DDIM eta 0).
 FULL_SETTINGS = {
     "clip": {},
     "prior": {"optimizer.learning_rate": 2e-4, "diffusion.guidance_scale": 2.0},
