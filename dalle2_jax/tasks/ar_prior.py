@@ -75,15 +75,9 @@ class ARPriorTask(prior_task.PriorTask):
     """`training.task.Task` of the AR prior stage; see the module docstring."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None):
-        data_config, train_dir = prior_task.resolve_train_dir(config, workdir, "configs/ar_prior.py")
         self.config = config
-        self.train_dir = os.path.abspath(train_dir)
-        self.train_source = embeddings.EmbeddingSource(self.train_dir, captions=False)
-        sizes = prior_task._dataset_sizes(self.train_source, "config.data.train_dir")
-        self.use_text_encodings = self._resolve_text_encodings(data_config, sizes)
-        self.text_len = self._resolve_text_len(data_config, sizes)
-        self.stored_text_len = sizes["text_len"]
-        self._fill_model_sizes(config.model, sizes)
+        data_config, sizes = self._open_train_data(workdir, "configs/ar_prior.py")
+        self._set_sizes(data_config, sizes)
         try:
             self.model = ar_prior_lib.ARPrior(**config.model)
         except TypeError as error:

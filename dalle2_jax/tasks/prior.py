@@ -145,14 +145,8 @@ class PriorTask:
             self.train_dir = self.train_source = None
             sizes = planning_sizes(config)
         else:
-            data_config, train_dir = resolve_train_dir(config, workdir, "configs/prior.py")
-            self.train_dir = os.path.abspath(train_dir)
-            self.train_source = embeddings.EmbeddingSource(self.train_dir, captions=False)
-            sizes = _dataset_sizes(self.train_source, "config.data.train_dir")
-        self.use_text_encodings = self._resolve_text_encodings(data_config, sizes)
-        self.text_len = self._resolve_text_len(data_config, sizes)
-        self.stored_text_len = sizes["text_len"]
-        self._fill_model_sizes(config.model, sizes)
+            data_config, sizes = self._open_train_data(workdir, "configs/prior.py")
+        self._set_sizes(data_config, sizes)
         self.model = prior_lib.DiffusionPrior(**config.model)
 
         diffusion_config = config.diffusion
@@ -247,6 +241,20 @@ class PriorTask:
         return resolved
 
     # -- training -----------------------------------------------------------------------------
+
+    def _open_train_data(self, workdir, config_file: str) -> tuple[Any, dict]:
+        """(config.data, the sizes of the stored embeddings); sets train_dir and train_source."""
+        data_config, train_dir = resolve_train_dir(self.config, workdir, config_file)
+        self.train_dir = os.path.abspath(train_dir)
+        self.train_source = embeddings.EmbeddingSource(self.train_dir, captions=False)
+        return data_config, _dataset_sizes(self.train_source, "config.data.train_dir")
+
+    def _set_sizes(self, data_config, sizes: dict) -> None:
+        """The text inputs' settings from config.data and the data's sizes, and the model's sizes."""
+        self.use_text_encodings = self._resolve_text_encodings(data_config, sizes)
+        self.text_len = self._resolve_text_len(data_config, sizes)
+        self.stored_text_len = sizes["text_len"]
+        self._fill_model_sizes(self.config.model, sizes)
 
     def text_inputs(self, batch: dict[str, Any]) -> tuple[jax.Array, jax.Array]:
         """(text_encodings, text_mask) the prior takes for a batch: the stored ones, or without
