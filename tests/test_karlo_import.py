@@ -94,6 +94,24 @@ def test_torch_bin_weights_load_with_torch_and_fail_clearly_without(copy_of, kar
         unclip_import.read_weights(copy_of / "prior")
 
 
+def test_import_reads_each_tensor_once_and_places_it_in_the_dtype(karlo_dir, monkeypatch):
+    """The import streams: every tensor of every weight file is read exactly once, and every
+    parameter ends on the device in the requested dtype (no NumPy copy of the model is kept)."""
+    from dalle2_jax.convert import state_dict
+
+    reads = []
+    original = state_dict.SafetensorsFile.__getitem__
+    monkeypatch.setattr(state_dict.SafetensorsFile, "__getitem__",
+                        lambda self, key: reads.append((self.file.parent.name, key)) or original(self, key))
+    stages, _ = unclip_import.read_unclip_dir(karlo_dir, "bfloat16")
+    stored = {(file.parent.name, key) for file in karlo_dir.glob("*/*.safetensors")
+              for key in state_dict.SafetensorsFile(file)}
+    assert sorted(reads) == sorted(stored)
+    for stage in stages:
+        for leaf in jax.tree.leaves(stage.variables):
+            assert isinstance(leaf, jax.Array), stage.name
+            assert leaf.dtype == jax.numpy.bfloat16 or not jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)
+
 @pytest.mark.heavy
 def test_convert_cli_save_pretrained_and_bfloat16(karlo_dir, tmp_path):
     """`dalle2-jax convert unclip` in float32 and bfloat16; the written pipelines load without torch,

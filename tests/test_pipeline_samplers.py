@@ -45,6 +45,19 @@ def test_inpaint_with_a_solver_keeps_the_known_pixels(pipe):
     assert np.abs(out[:, :, 10:].astype(int) - known[None, :, 10:]).mean() > 1.0  # the masked part is redrawn
 
 
+def test_upsample_alone_takes_the_sampler_by_name_and_by_stage(pipe):
+    low = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)  # the decoder's 8px
+    default = pipe.upsample(low, seed=0)
+    check_images(default, 2)
+    np.testing.assert_array_equal(default, pipe.upsample(list(low), seed=0))
+    np.testing.assert_array_equal(default, pipe.upsample(low, seed=0, sampler={"upsampler": "ddim"}))
+    ancestral = pipe.upsample(low, seed=0, sampler="ddpm")
+    np.testing.assert_array_equal(ancestral, pipe.upsample(low, seed=0, sampler={"upsampler": "ddpm"}))
+    # the sampler reached the upsampler: ancestral noise moves a random 2-step x0 upsampler by ~0.7 levels
+    assert np.abs(ancestral.astype(int) - default).mean() > 0.3
+    with pytest.raises(ValueError, match=r"images: expected \(8, 8, 3\) images, the decoder's resolution"):
+        pipe.upsample(low[:, :4], seed=0)
+
 @pytest.mark.parametrize("sampler,message", [
     ("dpm", "sampler: expected one of"),
     ({"decoder": "euler"}, "sampler['decoder']: expected one of"),

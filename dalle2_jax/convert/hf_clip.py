@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from dalle2_jax.convert import state_dict
 from dalle2_jax.models.clip import ACTIVATIONS, CLIP, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from dalle2_jax.tokenizer import Tokenizer
 
@@ -117,47 +119,13 @@ def model_from_hf_config(config: dict, dtype: Any = jnp.float32) -> CLIP:
     )
 
 
-def _load_safetensors(file: str) -> dict[str, np.ndarray]:
-    import safetensors.numpy
-
-    try:
-        return safetensors.numpy.load_file(file)
-    except TypeError:  # numpy has no bfloat16; the flax loader returns ml_dtypes arrays
-        import safetensors.flax
-
-        return {k: np.asarray(v) for k, v in safetensors.flax.load_file(file).items()}
+def read_hf_state_dict(path) -> Mapping[str, np.ndarray]:
+    """The tensors of a transformers checkpoint directory (model.safetensors, its sharded index,
+    or pytorch_model.bin with torch), each read from the file when it is looked up."""
+    return state_dict.read_weights(_check_dir(path), ("model.safetensors",), ("pytorch_model.bin",))[0]
 
 
-def read_hf_state_dict(path) -> dict[str, np.ndarray]:
-    """The tensors of a transformers checkpoint directory as numpy arrays."""
-    path = _check_dir(path)
-    single = os.path.join(path, "model.safetensors")
-    index = os.path.join(path, "model.safetensors.index.json")
-    torch_bin = os.path.join(path, "pytorch_model.bin")
-    if os.path.isfile(single):
-        return _load_safetensors(single)
-    if os.path.isfile(index):
-        state = {}
-        for shard in sorted(set(_read_json(index)["weight_map"].values())):
-            state.update(_load_safetensors(os.path.join(path, shard)))
-        return state
-    if os.path.isfile(torch_bin):
-        try:
-            import torch
-        except ImportError as e:
-            raise FileNotFoundError(
-                f"path: {path!r} has only pytorch_model.bin, which needs torch; install torch or "
-                "convert it to model.safetensors"
-            ) from e
-        state = torch.load(torch_bin, map_location="cpu", weights_only=True)
-        return {k: v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.numpy()
-                for k, v in state.items()}
-    raise FileNotFoundError(
-        f"path: {path!r} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
-    )
-
-
-def convert_state_dict(model: CLIP, state: dict[str, np.ndarray], dtype: Any = jnp.float32) -> dict:
+def convert_state_dict(model: CLIP, state: Mapping[str, np.ndarray], dtype: Any = jnp.float32) -> dict:
     """Map a transformers CLIPModel state dict onto `model`'s param tree.
 
     Raises ValueError naming every missing key and every shape mismatch.
@@ -180,11 +148,12 @@ def convert_state_dict(model: CLIP, state: dict[str, np.ndarray], dtype: Any = j
         if key not in state:
             missing.append(key)
             continue
-        value = _to_ours(path, np.asarray(state[key]))
+        raw = np.asarray(state[key])
+        value = _to_ours(path, raw)
         if value.shape != expected.shape:
-            mismatched.append(f"{key}: checkpoint {tuple(state[key].shape)}, expected {expected.shape}")
+            mismatched.append(f"{key}: checkpoint {tuple(raw.shape)}, expected {expected.shape}")
             continue
-        flat[path] = jnp.asarray(value, dtype=dtype)
+        flat[path] = state_dict.to_device(value, dtype)
     problems = ([f"missing keys {missing}"] if missing else []) + (
         [f"shape mismatches {mismatched}"] if mismatched else []
     )

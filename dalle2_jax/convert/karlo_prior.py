@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from dalle2_jax.convert.state_dict import to_device
 from dalle2_jax.models.prior import NUM_EXTRA_TOKENS
 
 # PriorTransformer options our module expresses only at these values.
@@ -94,7 +95,7 @@ def diffusers_key(path: tuple[str, ...]) -> str:
     return ".".join(parts)
 
 
-def _to_ours(path: tuple[str, ...], value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def _to_ours(path: tuple[str, ...], value: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """The file's array in our layout, or unchanged (so the caller reports the mismatch)."""
     if path[-1] == "kernel":
         value = value.T  # (out, in) -> (in, out)
@@ -111,8 +112,9 @@ def _to_ours(path: tuple[str, ...], value: np.ndarray, shape: tuple[int, ...]) -
 
 
 def convert_prior(state: Mapping[str, np.ndarray], config: ml_collections.ConfigDict,
-                  file: str = "prior") -> dict:
-    """{"params": ...} for `build_module("prior", config)` from a PriorTransformer state dict.
+                  file: str = "prior", dtype=None) -> dict:
+    """{"params": ...} for `build_module("prior", config)` from a PriorTransformer state dict, as
+    jax arrays in `dtype` (default: the module's param dtype), each placed as it is converted.
 
     Raises ValueError naming `file`, every missing key and every shape mismatch.
     """
@@ -126,14 +128,14 @@ def convert_prior(state: Mapping[str, np.ndarray], config: ml_collections.Config
         if key not in state:
             missing.append(key)
             continue
-        value = np.asarray(state[key])
+        value = to_device(state[key])  # transposes and reshapes run on the device
         converted = _to_ours(path, value, expected.shape)
         if converted.shape != expected.shape:
             mismatched.append(f"{key}: file {tuple(value.shape)}, expected {tuple(expected.shape)} (ours)")
             continue
-        flat[path] = converted.astype(expected.dtype)
+        flat[path] = to_device(converted, dtype or expected.dtype)
     if missing or mismatched:
         problems = ([f"missing keys {missing[:5]}"] if missing else []) + (
             [f"shape mismatches {mismatched[:5]}"] if mismatched else [])
         raise ValueError(f"{file}: the weights do not fit its config.json ({'; '.join(problems)})")
-    return {"params": jax.tree.map(np.asarray, traverse_util.unflatten_dict(flat))}
+    return {"params": traverse_util.unflatten_dict(flat)}

@@ -56,6 +56,8 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from dalle2_jax.convert.state_dict import to_device
+
 # The public Karlo v1 alpha shapes (diffusers' scripts/convert_kakao_brain_unclip_to_diffusers.py).
 KARLO_DECODER_UNET_CONFIG = {
     "_class_name": "UNet2DConditionModel",
@@ -340,15 +342,12 @@ def diffusers_key(path: tuple[str, ...]) -> str:
     return ".".join(parts)
 
 
-def _to_ours(key: str, value: np.ndarray, want: tuple[int, ...], argument: str) -> np.ndarray:
+def _to_ours(key: str, value: np.ndarray, want: tuple[int, ...], argument: str, dtype) -> jax.Array:
+    """The state dict's array in our layout and `dtype`, on the device."""
     value = np.asarray(value)
     if value.shape != _theirs(want):
         raise ValueError(f"{argument}[{key!r}]: expected shape {_theirs(want)}, got {value.shape}")
-    if value.ndim == 4:
-        value = value.transpose(2, 3, 1, 0)
-    elif value.ndim == 2:
-        value = value.T
-    return np.ascontiguousarray(value, np.float32)
+    return to_device(value, dtype, axes={4: (2, 3, 1, 0), 2: (1, 0)}.get(value.ndim))
 
 
 def _theirs(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -386,13 +385,13 @@ def _check_state(state: Mapping, argument: str) -> None:
         raise ValueError(f"{argument}: expected a mapping of state-dict keys to arrays, got {type(state).__name__}")
 
 
-def _fill(state: Mapping, flat_abstract: dict, argument: str, used: set) -> dict:
+def _fill(state: Mapping, flat_abstract: dict, argument: str, used: set, dtype) -> dict:
     out = {}
     for path, leaf in flat_abstract.items():
         key = diffusers_key(path)
         if key not in state:
             raise ValueError(f"{argument}: missing key {key!r} (expected shape {_theirs(leaf.shape)})")
-        out[path] = _to_ours(key, state[key], tuple(leaf.shape), argument)
+        out[path] = _to_ours(key, state[key], tuple(leaf.shape), argument, dtype)
         used.add(key)
     return out
 
@@ -404,24 +403,25 @@ def _check_all_used(state: Mapping, used: set, argument: str) -> None:
                          "(the config has no place for them; a different model?)")
 
 
-def convert_upsampler(unet_state: Mapping[str, np.ndarray], config) -> dict:
+def convert_upsampler(unet_state: Mapping[str, np.ndarray], config, *, dtype=np.float32) -> dict:
     """{"params": ...} of our UNet for `config` (`upsampler_config_from_diffusers`) from a
-    UNet2DModel state dict."""
+    UNet2DModel state dict, as jax arrays in `dtype`, each placed on the device as it is converted."""
     _check_state(unet_state, "unet_state")
     if not _model_option(config, "use_low_res"):
         raise ValueError("config: expected an upsampler config (upsampler_config_from_diffusers), got one without "
                          "model.use_low_res")
     flat = traverse_util.flatten_dict(_abstract_params(config))
     used: set = set()
-    params = _fill(unet_state, flat, "unet_state", used)
+    params = _fill(unet_state, flat, "unet_state", used, dtype)
     _check_all_used(unet_state, used, "unet_state")
     return {"params": traverse_util.unflatten_dict(params)}
 
 
 def convert_decoder(unet_state: Mapping[str, np.ndarray], text_proj_state: Mapping[str, np.ndarray], config, *,
-                    empty_prompt: Optional[Mapping[str, np.ndarray]] = None) -> dict:
+                    empty_prompt: Optional[Mapping[str, np.ndarray]] = None, dtype=np.float32) -> dict:
     """{"params": ...} of our decoder UNet for `config` (`decoder_config_from_diffusers`) from the
-    UNet2DConditionModel and UnCLIPTextProjModel state dicts.
+    UNet2DConditionModel and UnCLIPTextProjModel state dicts, as jax arrays in `dtype`, each placed
+    on the device as it is converted.
 
     empty_prompt: the text encoder's output on the empty caption "" (diffusers' unconditional
     prompt): {"text_embed": (D,) text_embeds, "text_encodings": (text_len, W) last_hidden_state},
@@ -437,7 +437,7 @@ def convert_decoder(unet_state: Mapping[str, np.ndarray], text_proj_state: Mappi
     flat = traverse_util.flatten_dict(_abstract_params(config))
     unet_paths = {p: leaf for p, leaf in flat.items() if p[0] not in _TEXT_PROJ_NAMES and len(p) > 1}
     used: set = set()
-    params = _fill(unet_state, unet_paths, "unet_state", used)
+    params = _fill(unet_state, unet_paths, "unet_state", used, dtype)
     _check_all_used(unet_state, used, "unet_state")
 
     used = set()
@@ -450,13 +450,13 @@ def convert_decoder(unet_state: Mapping[str, np.ndarray], text_proj_state: Mappi
             value = np.asarray(text_proj_state[key])
             if path[0] == "image_embed_to_tokens":
                 value = _token_major(value, context_dim, key)
-            params[path] = _to_ours(key, value, tuple(leaf.shape), "text_proj_state")
+            params[path] = _to_ours(key, value, tuple(leaf.shape), "text_proj_state", dtype)
             used.add(key)
     key = "learned_classifier_free_guidance_embeddings"
     if key not in text_proj_state:
         raise ValueError(f"text_proj_state: missing key {key!r}")
     params[("null_image_embed",)] = _to_ours(key, text_proj_state[key], tuple(flat[("null_image_embed",)].shape),
-                                             "text_proj_state")
+                                             "text_proj_state", dtype)
     used.add(key)
     _check_all_used(text_proj_state, used, "text_proj_state")
 
@@ -472,7 +472,7 @@ def convert_decoder(unet_state: Mapping[str, np.ndarray], text_proj_state: Mappi
             value = value[0]
         if value.shape != tuple(flat[(ours,)].shape):
             raise ValueError(f"empty_prompt[{name!r}]: expected shape {tuple(flat[(ours,)].shape)}, got {value.shape}")
-        params[(ours,)] = value
+        params[(ours,)] = to_device(value, dtype)
     if "text_mask" in empty_prompt:
         mask = np.asarray(empty_prompt["text_mask"]).reshape(-1).astype(bool)
         want = np.arange(mask.size) < int(config.model.null_text_tokens)

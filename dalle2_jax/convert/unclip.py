@@ -9,6 +9,8 @@ Components are listed as [library, class]; text_proj is accepted both as diffuse
 (["diffusers", ...], which diffusers itself cannot load back) and as Karlo ships it (["unclip",
 "UnCLIPTextProjModel"]). Weights come from *.safetensors without torch, or from *.bin through
 torch.load(weights_only=True) when torch is installed. The library never imports diffusers.
+Tensors are read, converted and put on the device in the requested dtype one at a time
+(`convert.state_dict`), so loading holds little more host memory than the converted model.
 
 The stages: "clip" (the text encoder and, for variations, the image encoder as one CLIP
 with those towers), "prior" (when present), "decoder" (UNet + text_proj), "upsampler"
@@ -16,6 +18,7 @@ with those towers), "prior" (when present), "decoder" (UNet + text_proj), "upsam
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -23,13 +26,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dalle2_jax.convert import hf_clip, karlo_prior
+from dalle2_jax.convert import hf_clip, karlo_prior, state_dict
 from dalle2_jax.models.clip import CLIP
-from dalle2_jax.pipeline.stages import Stage, build_module
+from dalle2_jax.pipeline.stages import Stage, build_module, cast_stage
 from dalle2_jax.tokenizer import Tokenizer
 
 INDEX_FILE = "model_index.json"
@@ -106,56 +109,10 @@ def read_model_index(root: Path) -> tuple[str, dict[str, str]]:
     return class_name, components
 
 
-def _load_safetensors(file: Path) -> dict[str, np.ndarray]:
-    import safetensors.numpy
-
-    try:
-        try:
-            return safetensors.numpy.load_file(str(file))
-        except TypeError:  # numpy has no bfloat16: the flax loader returns ml_dtypes arrays
-            import safetensors.flax
-
-            return {k: np.asarray(v) for k, v in safetensors.flax.load_file(str(file)).items()}
-    except Exception as error:  # safetensors raises its own SafetensorError on damaged files
-        raise ValueError(f"path: {file} is corrupt or not a safetensors file ({type(error).__name__}: "
-                         f"{error})") from None
-
-
-def _load_torch_bin(file: Path) -> dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError:
-        raise ValueError(f"path: {file} is a PyTorch pickle, which needs torch to read; install torch "
-                         "(CPU is enough) or convert the directory to safetensors") from None
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"path: {file} is corrupt or not a torch state dict ({type(error).__name__}: "
-                         f"{error})") from None
-    return {key: (value.detach().float().numpy() if value.is_floating_point() else value.numpy())
-            for key, value in state.items()}
-
-
-def read_weights(directory: Path) -> tuple[dict[str, np.ndarray], str]:
-    """(state dict as float32 NumPy, the file it came from) of one component directory."""
-    if not directory.is_dir():
-        raise FileNotFoundError(f"path: no component directory {directory}")
-    for name in WEIGHT_FILES:
-        if (directory / name).is_file():
-            state = _load_safetensors(directory / name)
-            return {k: np.asarray(v, np.float32) if np.issubdtype(v.dtype, np.floating) or v.dtype.kind == "V"
-                    or str(v.dtype) == "bfloat16" else v for k, v in state.items()}, str(directory / name)
-        index = directory / (name + ".index.json")
-        if index.is_file():
-            weight_map = _read_json(index, "a sharded safetensors index").get("weight_map", {})
-            state = {}
-            for shard in sorted(set(weight_map.values())):
-                state.update(_load_safetensors(directory / shard))
-            return {k: np.asarray(v, np.float32) for k, v in state.items()}, str(index)
-    for name in TORCH_FILES:
-        if (directory / name).is_file():
-            return _load_torch_bin(directory / name), str(directory / name)
-    raise FileNotFoundError(f"path: {directory} has no weights (expected one of {WEIGHT_FILES + TORCH_FILES})")
+def read_weights(directory: Path) -> tuple[Mapping[str, np.ndarray], str]:
+    """(state dict that reads each tensor when it is looked up, the file it reads) of one component
+    directory; tensors come in the file's dtype."""
+    return state_dict.read_weights(directory, WEIGHT_FILES, TORCH_FILES)
 
 
 def _clip_stage(root: Path, components: Mapping[str, str]) -> Stage:
@@ -188,8 +145,8 @@ def _clip_stage(root: Path, components: Mapping[str, str]) -> Stage:
     state, file = read_weights(root / "text_encoder")
     if "image_encoder" in components:
         vision_state, _ = read_weights(root / "image_encoder")
-        state = {**state, **vision_state}
-        state.setdefault("logit_scale", np.asarray(np.log(100.0), np.float32))  # unused by inference
+        # a lazy union of both files; logit_scale (unused by inference) only where neither has one
+        state = collections.ChainMap(vision_state, state, {"logit_scale": np.asarray(np.log(100.0), np.float32)})
     try:
         variables = hf_clip.convert_state_dict(model, state)
     except ValueError as error:
@@ -198,18 +155,19 @@ def _clip_stage(root: Path, components: Mapping[str, str]) -> Stage:
     fields["dtype"] = "float32"
     config = ml_collections.ConfigDict({"model": fields, "data": {"image_size": load_size},
                                         "embeddings": "unnormalized"})
-    return Stage("clip", config, model, jax.tree.map(np.asarray, variables))
+    return Stage("clip", config, model, variables)
 
 
 def _scheduler(root: Path, name: str) -> dict:
     return _read_json(root / name / "scheduler_config.json", f"the {name}'s config")
 
 
-def _prior_stage(root: Path) -> Stage:
+def _prior_stage(root: Path, dtype) -> Stage:
     config = karlo_prior.prior_config_from_diffusers(_read_json(root / "prior" / "config.json", "the prior's config"),
                                                      _scheduler(root, "prior_scheduler"))
     state, file = read_weights(root / "prior")
-    return Stage("prior", config, build_module("prior", config), karlo_prior.convert_prior(state, config, file))
+    variables = karlo_prior.convert_prior(state, config, file, dtype=dtype)
+    return Stage("prior", config, build_module("prior", config), variables)
 
 
 def _scheduler_options(scheduler: Mapping, file: str) -> dict:
@@ -230,7 +188,7 @@ def empty_caption(clip: Stage, tokenizer: Tokenizer) -> dict[str, np.ndarray]:
             "text_mask": np.asarray(tokens["attention_mask"][0]).astype(bool)}
 
 
-def _decoder_stage(root: Path, clip: Stage, tokenizer: Tokenizer) -> Stage:
+def _decoder_stage(root: Path, clip: Stage, tokenizer: Tokenizer, dtype) -> Stage:
     from dalle2_jax.convert import karlo_unet
 
     unet_config = _read_json(root / "decoder" / "config.json", "the decoder's config")
@@ -247,13 +205,13 @@ def _decoder_stage(root: Path, clip: Stage, tokenizer: Tokenizer) -> Stage:
     proj_state, proj_file = read_weights(root / "text_proj")
     try:
         variables = karlo_unet.convert_decoder(unet_state, proj_state, config,
-                                               empty_prompt=empty_caption(clip, tokenizer))
+                                               empty_prompt=empty_caption(clip, tokenizer), dtype=dtype)
     except ValueError as error:
         raise ValueError(f"path: {unet_file} / {proj_file}: {error}") from None
     return Stage("decoder", config, build_module("decoder", config), variables)
 
 
-def _upsampler_stage(root: Path, low_res_size: int) -> Stage:
+def _upsampler_stage(root: Path, low_res_size: int, dtype) -> Stage:
     from dalle2_jax.convert import karlo_unet
 
     first_config = _read_json(root / "super_res_first" / "config.json", "super_res_first's config")
@@ -275,7 +233,7 @@ def _upsampler_stage(root: Path, low_res_size: int) -> Stage:
     for name, key in (("super_res_first", "params"), ("super_res_last", "last_step_params")):
         state, file = read_weights(root / name)
         try:
-            variables[key] = karlo_unet.convert_upsampler(state, config)["params"]
+            variables[key] = karlo_unet.convert_upsampler(state, config, dtype=dtype)["params"]
         except ValueError as error:
             raise ValueError(f"path: {file}: {error}") from None
     return Stage("upsampler", config, build_module("upsampler", config), variables)
@@ -285,6 +243,8 @@ def read_unclip_dir(path, dtype: Any = None) -> tuple[list[Stage], Tokenizer]:
     """The stages and tokenizer of a diffusers UnCLIP directory; see the module docstring.
 
     dtype: the parameters' dtype (and compute dtype), e.g. "bfloat16"; None keeps float32.
+    Each tensor is read, converted and put on the default device in `dtype` one at a time, so the
+    host holds little more than the converted model.
     """
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
         raise ValueError(f"path: expected a diffusers UnCLIP directory, got {path!r}")
@@ -299,25 +259,15 @@ def read_unclip_dir(path, dtype: Any = None) -> tuple[list[Stage], Tokenizer]:
         raise FileNotFoundError(f"path: {error}") from None
     except Exception as error:  # the tokenizers library raises plain Exceptions on bad files
         raise ValueError(f"path: the tokenizer in {root / 'tokenizer'} is corrupt ({error})") from None
+    weights_dtype = jnp.dtype(dtype if dtype is not None else "float32")
     stages = [clip]
     if "prior" in components:
-        stages.append(_prior_stage(root))
-    stages.append(_decoder_stage(root, clip, tokenizer))
-    stages.append(_upsampler_stage(root, int(stages[-1].module.image_size)))
+        stages.append(_prior_stage(root, weights_dtype))
+        state_dict.release_free_host_memory()
+    stages.append(_decoder_stage(root, clip, tokenizer, weights_dtype))
+    state_dict.release_free_host_memory()
+    stages.append(_upsampler_stage(root, int(stages[-1].module.image_size), weights_dtype))
     if dtype is not None:
         stages = [cast_stage(stage, dtype) for stage in stages]
+    state_dict.release_free_host_memory()
     return stages, tokenizer
-
-
-def cast_stage(stage: Stage, dtype) -> Stage:
-    """The stage with floating parameters and compute dtype in `dtype` (e.g. "bfloat16")."""
-    import jax.numpy as jnp
-
-    name = jnp.dtype(dtype).name
-    config = ml_collections.ConfigDict(stage.config.to_dict())
-    if "compute_dtype" in config:
-        config.compute_dtype = name
-    config.model.dtype = name
-    variables = jax.tree.map(lambda a: np.asarray(a).astype(name) if np.issubdtype(np.asarray(a).dtype, np.floating)
-                             else a, stage.variables)
-    return Stage(stage.name, config, build_module(stage.name, config), variables)

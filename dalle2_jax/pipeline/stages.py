@@ -154,6 +154,32 @@ def random_variables(abstract, seed: int, scale: float = 1.0):
     return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
+def place_variables(variables, dtype=None):
+    """Variables (NumPy or jax) on the default device, leaf by leaf, floating leaves cast to
+    `dtype` there when given. A host leaf is released as soon as it is placed when the caller
+    holds no other reference to the tree (pass it straight in), so loading a model needs about
+    one copy of it, not two."""
+    from dalle2_jax.convert.state_dict import to_device
+
+    leaves, treedef = jax.tree.flatten(variables)
+    del variables
+    for index, leaf in enumerate(leaves):
+        cast = dtype is not None and jnp.issubdtype(leaf.dtype, jnp.floating)
+        leaves[index] = to_device(leaf, dtype if cast else None)
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def cast_stage(stage: Stage, dtype) -> Stage:
+    """The stage with floating parameters and compute dtype in `dtype` (e.g. "bfloat16"); the
+    parameters are cast on the device, those already in `dtype` are kept as they are."""
+    name = jnp.dtype(dtype).name
+    config = ml_collections.ConfigDict(stage.config.to_dict())
+    if "compute_dtype" in config:
+        config.compute_dtype = name
+    config.model.dtype = name
+    return Stage(stage.name, config, build_module(stage.name, config), place_variables(stage.variables, name))
+
+
 def has_last_step_model(stage: Stage) -> bool:
     """Whether the stage runs its last sampling step with other weights (Karlo's super_res_last)."""
     return bool(config_get(stage.config, "diffusion.last_step_model", False))

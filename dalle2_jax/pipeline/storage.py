@@ -17,7 +17,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from dalle2_jax.pipeline.stages import CORE_STAGES, STAGE_NAME, Stage, as_tuples, build_module
+from dalle2_jax.pipeline.stages import (CORE_STAGES, STAGE_NAME, Stage, as_tuples, build_module, cast_stage,
+                                        place_variables)
 from dalle2_jax.tokenizer import Tokenizer
 
 PIPELINE_FILE = "pipeline.json"
@@ -28,8 +29,9 @@ FORMAT = "dalle2-jax-unclip"
 VERSION = 1
 
 
-def read_pipeline_dir(path) -> tuple[list[Stage], Tokenizer]:
-    """The stages and tokenizer of a pipeline directory written by `write_pipeline_dir`."""
+def read_pipeline_dir(path, dtype=None) -> tuple[list[Stage], Tokenizer]:
+    """The stages and tokenizer of a pipeline directory written by `write_pipeline_dir`, their
+    parameters on the default device (cast to `dtype` and computing in it when given)."""
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
         raise ValueError(f"path: expected a pipeline directory path, got {path!r}")
     root = Path(path)
@@ -55,7 +57,7 @@ def read_pipeline_dir(path) -> tuple[list[Stage], Tokenizer]:
         raise ValueError(f"path: {manifest_file} is corrupt (stages {names}: expected {list(CORE_STAGES)}, "
                          "an optional 'prior' "
                          "and upsamplers 'upsampler', 'upsampler_1', ...)")
-    stages = [_load_stage(root / name, name) for name in names]
+    stages = [_load_stage(root / name, name, dtype) for name in names]
     tokenizer_dir = root / "clip" / TOKENIZER_SUBDIR
     if not tokenizer_dir.is_dir():
         raise FileNotFoundError(f"path: {os.fspath(path)!r} has no clip/{TOKENIZER_SUBDIR}/ directory")
@@ -126,12 +128,13 @@ def read_config(file: Path, argument: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(as_tuples(raw))
 
 
-def _load_stage(directory: Path, name: str) -> Stage:
+def _load_stage(directory: Path, name: str, dtype=None) -> Stage:
     if not directory.is_dir():
         raise FileNotFoundError(f"path: stage {name!r} listed in {PIPELINE_FILE} has no directory {directory}")
     config = read_config(directory / CONFIG_FILE, "path")
     module = build_module(name, config)
-    return Stage(name, config, module, _load_params(directory / PARAMS_SUBDIR, name))
+    stage = Stage(name, config, module, place_variables(_load_params(directory / PARAMS_SUBDIR, name), dtype))
+    return stage if dtype is None else cast_stage(stage, dtype)
 
 
 def _save_stage(directory: Path, stage: Stage) -> None:

@@ -192,10 +192,7 @@ class UnCLIPPipeline(StageRuns):
 
         if unclip_import.is_unclip_dir(path):
             return cls(*unclip_import.read_unclip_dir(path, dtype))
-        stages, tokenizer = read_pipeline_dir(path)
-        if dtype is not None:
-            stages = [unclip_import.cast_stage(stage, dtype) for stage in stages]
-        return cls(stages, tokenizer)
+        return cls(*read_pipeline_dir(path, dtype))
 
     def save_pretrained(self, path) -> None:
         """Write the pipeline directory `path` atomically (a temporary directory beside it, then
