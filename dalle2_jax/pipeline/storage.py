@@ -100,8 +100,13 @@ def write_pipeline_dir(path, stages: Sequence[Stage], tokenizer: Tokenizer, imag
 def _save_params(directory: Path, variables) -> None:
     import orbax.checkpoint as ocp
 
-    host = jax.tree.map(np.asarray, variables)
+    from dalle2_jax.convert.state_dict import release_free_host_memory
+
+    host = jax.tree.map(np.asarray, variables)  # views of CPU arrays, not copies
     ocp.PyTreeCheckpointer().save(directory.absolute(), args=ocp.args.PyTreeSave(host))
+    # Orbax's writers peak at about twice the tree and leave the freed buffers in glibc's heap
+    # (Karlo's prior: +6.9 GiB while saving, +3.4 GiB kept after); give them back before the next stage.
+    release_free_host_memory()
 
 
 def _load_params(directory: Path, stage_name: str):
