@@ -1,8 +1,8 @@
 """transformers-format CLIP directory -> our `CLIP` module and params.
 
-Reads config.json and model.safetensors (sharded or not, with
-`safetensors.numpy`: no torch needed) or, when torch is installed,
-pytorch_model.bin. Linear weights are transposed (out, in) -> (in, out), the
+Reads config.json and model.safetensors (sharded or not; no torch needed) or,
+when torch is installed, pytorch_model.bin, one tensor at a time
+(`convert.state_dict`). Linear weights are transposed (out, in) -> (in, out), the
 patch conv (out, in, kh, kw) -> (kh, kw, in, out).
 """
 
